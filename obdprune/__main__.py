@@ -1,0 +1,5 @@
+import sys
+
+from obdprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,381 @@
+"""Command-line interface: parse → config → one library call → write results.
+
+Errors a user can cause print one line and exit with 2 (usage) or 1 (runtime); never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from obdprune.errors import ObdpruneError, UsageError
+
+DEMO = dict(dataset="fashion-mnist", model="lenet5", epochs=6, sparsity=[0.76, 0.9, 0.95], finetune_epochs=1,
+            reg_epochs=1, out="obdprune-demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _fraction_open(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0.0 < v < 1.0):
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
+    return v
+
+
+def _points(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of percentage points, got {text!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+        raise argparse.ArgumentTypeError(f"must be percentage points in [0, 100], got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and sampling")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    if lr is not None:
+        p.add_argument("--lr", type=_positive_float, default=lr, help=f"learning rate (default: {lr})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    from obdprune.data import DATASETS
+
+    p.add_argument("--dataset", required=required, help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of training images held out for validation")
+    p.add_argument("--train-limit", type=_positive_int, default=None, help="use a stratified subset of the training set")
+    p.add_argument("--test-limit", type=_positive_int, default=None, help="use a stratified subset of the test set")
+
+
+def _add_train(p: argparse.ArgumentParser, epochs: int = 15) -> None:
+    p.add_argument("--epochs", type=_nonneg_int, default=epochs)
+    p.add_argument("--optimizer", default="sgd", help="sgd, adam or adamw")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    p.add_argument("--schedule", default="onecycle", help="onecycle, cosine or constant")
+
+
+def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    from obdprune.methods import CURVATURE_KINDS
+
+    if with_method:
+        p.add_argument("--method", required=True, help="magnitude, l1, obd or hybrid")
+    p.add_argument("--sparsity", type=_fraction_open, nargs="+", default=[], metavar="S",
+                   help="fraction(s) of Conv/Linear weights to remove")
+    p.add_argument("--max-drop", type=_points, default=None, metavar="PP",
+                   help="remove as much as possible while validation accuracy stays within PP points of dense")
+    p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer")
+    p.add_argument("--layer-floor", type=float, default=0.01, help="every layer keeps at least this fraction")
+    p.add_argument("--prune-step", type=_fraction_open, default=0.6,
+                   help="at most this fraction of the remaining weights goes per round")
+    p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
+    p.add_argument("--finetune-lr", type=_positive_float, default=0.01)
+    p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
+                   help="epochs before the first round (L1-regularized for l1/hybrid)")
+    p.add_argument("--l1-lambda", type=_nonneg_float, default=5e-4, help="L1 strength λ")
+    p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
+    p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
+    p.add_argument("--curvature-samples", type=_positive_int, default=1024,
+                   help="training samples for exact/empirical-Fisher curvature; MC label samples or Hutchinson probes otherwise")
+    p.add_argument("--negative-curvature", default="clamp", help="clamp, abs or keep (for Hessian estimates)")
+    p.add_argument("--max-sparsity", type=_fraction_open, default=0.99, help="how far --max-drop searches")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from obdprune import __version__
+
+    parser = _Parser(prog="obdprune", description="Make trained PyTorch CNNs smaller and faster "
+                     "(sparse regularization + Optimal Brain Damage).")
+    parser.add_argument("--version", action="version", version=f"obdprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a dense model and save it as a run folder")
+    _add_data(p)
+    p.add_argument("--model", required=True, help="lenet300, lenet5, lenet5-caffe or vgg-small")
+    _add_train(p)
+    _add_common(p, lr=0.05)
+    p.add_argument("--out", required=True, help="run folder to write")
+
+    p = sub.add_parser("prune", help="prune a trained run with one method")
+    p.add_argument("run", help="dense run folder (from obdprune train)")
+    _add_prune(p)
+    _add_common(p)
+    p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
+    p.add_argument("--out", required=True, help="run folder (or folder of run folders for several targets)")
+
+    p = sub.add_parser("evaluate", help="accuracy and sparsity of a run folder or model file")
+    p.add_argument("path")
+    p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("compare", help="train once, run every method at every target, write a report")
+    _add_data(p)
+    p.add_argument("--model", required=True)
+    _add_train(p)
+    _add_prune(p, with_method=False)
+    p.add_argument("--methods", nargs="+", default=["magnitude", "l1", "obd", "hybrid"])
+    _add_common(p, lr=0.05)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("demo", help="a few-minute compare on Fashion-MNIST with lenet5")
+    p.add_argument("--out", default=DEMO["out"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=_positive_int, default=None)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    d = dsub.add_parser("download", help="fetch a dataset from its official mirror and verify checksums")
+    d.add_argument("name")
+    d.add_argument("--dest", default=None, help="folder to write (default: the user cache)")
+    d.add_argument("--mirror", default=None, help="base URL overriding the official mirror")
+    d.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cpu":
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        return name
+    raise UsageError(f"unknown device {name!r}; use cpu or cuda")
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _train_cfg(args, epochs: int | None = None):
+    from obdprune.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs if epochs is None else epochs, lr=args.lr, batch_size=args.batch_size,
+                       optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+                       seed=args.seed)
+
+
+def _prune_cfg(args, method: str):
+    from obdprune.methods import PruneConfig
+    from obdprune.train import TrainConfig
+
+    ft = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
+                     schedule="cosine", seed=args.seed)
+    return PruneConfig(method=method, scope=args.scope, layer_floor=args.layer_floor, prune_step=args.prune_step,
+                       reg_epochs=args.reg_epochs, finetune=ft, l1_lambda=args.l1_lambda, l1_mode=args.l1_mode,
+                       curvature=args.curvature, curvature_samples=args.curvature_samples,
+                       negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed)
+
+
+def _need_target(args) -> None:
+    if not args.sparsity and args.max_drop is None:
+        raise UsageError("give --sparsity S (fraction of weights to remove) or --max-drop PP")
+
+
+def _check_out(path: str) -> Path:
+    out = Path(path)
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UsageError(f"--out {out}: {probe} is not a writable folder")
+    return out
+
+
+def cmd_train(args) -> int:
+    from obdprune.study import DataSpec, load_data, train_dense
+
+    out = _check_out(args.out)
+    cfg = _train_cfg(args)
+    spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
+                         train_limit=args.train_limit, test_limit=args.test_limit)
+    data = load_data(spec)
+    _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
+                              progress=not args.no_progress, out=out)
+    m = manifest["metrics"]
+    print(f"dense {args.model} on {data.name}: test accuracy {100 * m['test_accuracy']:.2f}%, "
+          f"validation {100 * m['val_accuracy']:.2f}% → {out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from obdprune.report import write_summary
+    from obdprune.runfile import load_run
+    from obdprune.study import load_data, prune_dense
+
+    _need_target(args)
+    out = _check_out(args.out)
+    cfg = _prune_cfg(args, args.method)
+    run = load_run(args.run)
+    data = load_data(run.manifest["dataset"], args.data_dir)
+    single = len(args.sparsity) + (args.max_drop is not None) == 1
+    results = prune_dense(run, data, cfg, targets=args.sparsity, max_drop=args.max_drop,
+                          device=_device(args.device), progress=not args.no_progress,
+                          out_dir=out.parent / f".{out.name}.parts" if single else out)
+    if single:
+        import os as _os
+        import shutil
+
+        src = Path(results[0]["path"])
+        if out.exists():
+            shutil.rmtree(out)
+        _os.replace(src, out)
+        shutil.rmtree(src.parent, ignore_errors=True)
+        results[0]["path"] = str(out)
+    else:
+        write_summary(out / "summary.json", {"dense": run.manifest["metrics"], "results": results})
+    for r in results:
+        tag = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"target {r['target_sparsity']}"
+        print(f"{r['method']} ({tag}): {100 * r['sparsity']:.2f}% of weights removed, "
+              f"test accuracy {100 * r['test_accuracy']:.2f}% (dense {100 * run.manifest['metrics']['test_accuracy']:.2f}%)"
+              f" → {r['path']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from obdprune.methods import measured_sparsity
+    from obdprune.runfile import load_run
+    from obdprune.study import load_data
+    from obdprune.train import evaluate
+
+    run = load_run(args.path)
+    data = load_data(run.manifest["dataset"], args.data_dir)
+    device = _device(args.device)
+    val_acc, _ = evaluate(run.model, data.val.x, data.val.y, device=device)
+    test_acc, test_loss = evaluate(run.model, data.test.x, data.test.y, device=device)
+    sparsity, nonzero, total = measured_sparsity(run.model)
+    res = {"path": str(args.path), "model": run.manifest["model"]["name"], "dataset": data.name,
+           "val_accuracy": val_acc, "test_accuracy": test_acc, "test_loss": test_loss,
+           "weights": total, "nonzero_weights": nonzero, "sparsity": sparsity}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{res['model']} on {data.name}: test accuracy {100 * test_acc:.2f}%, validation "
+              f"{100 * val_acc:.2f}%, {nonzero:,} of {total:,} weights nonzero ({100 * sparsity:.2f}% removed)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from obdprune.study import DataSpec, load_data, run_compare
+
+    _need_target(args)
+    out = _check_out(args.out)
+    spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
+                         train_limit=args.train_limit, test_limit=args.test_limit)
+    data = load_data(spec)
+    summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
+                          methods=args.methods, targets=args.sparsity, max_drop=args.max_drop, out=out,
+                          device=_device(args.device), progress=not args.no_progress)
+    print(f"wrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'accuracy_vs_sparsity.png'}")
+    del summary
+    return 0
+
+
+def cmd_demo(args) -> int:
+    argv = ["compare", "--dataset", DEMO["dataset"], "--model", DEMO["model"], "--epochs", str(DEMO["epochs"]),
+            "--sparsity", *map(str, DEMO["sparsity"]), "--finetune-epochs", str(DEMO["finetune_epochs"]),
+            "--reg-epochs", str(DEMO["reg_epochs"]), "--out", args.out, "--seed", str(args.seed),
+            "--device", args.device]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.no_progress:
+        argv.append("--no-progress")
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    print("obdprune demo: " + " ".join(argv))
+    return main(argv)
+
+
+def cmd_data(args) -> int:
+    from obdprune.data import download_dataset
+
+    path = download_dataset(args.name, Path(args.dest) if args.dest else None, base_url=args.mirror,
+                            progress=not args.no_progress)
+    print(f"{args.name} is ready in {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "demo": cmd_demo, "data": cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _threads(args)
+        return COMMANDS[args.command](args)
+    except ObdpruneError as e:
+        print(f"obdprune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("obdprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

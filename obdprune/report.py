@@ -1,0 +1,97 @@
+"""Study outputs: summary.json, report.md (the paper-style table) and the accuracy-vs-sparsity plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from obdprune.atomic import atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = ["write_summary", "render_report", "plot_accuracy_vs_sparsity", "write_study_outputs"]
+
+METHOD_ORDER = ("magnitude", "l1", "obd", "hybrid")
+
+
+def _sort_key(r: dict) -> tuple:
+    m = r["method"]
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m, "max_drop" in r,
+            r.get("target_sparsity", r.get("sparsity", 0.0)))
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
+    return atomic_write_json(path, summary)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """Markdown report: dense baseline and one row per (method, target) with accuracies and sizes."""
+    d = summary["dense"]
+    lines = [
+        f"# obdprune study: {summary['model']} on {summary['dataset']}",
+        "",
+        f"Seed {summary['seed']}. Thresholds and `--max-drop` choices use the validation split; "
+        "test accuracy is reported only. Sparsity counts exactly-zero Conv/Linear weights.",
+        "",
+        f"Dense: test {_pct(d['test_accuracy'])}, validation {_pct(d['val_accuracy'])}, "
+        f"{d['nonzero_weights']:,} of {d['weights']:,} weights nonzero.",
+        "",
+        "| method | target | sparsity | nonzero weights | compression | val acc | test acc | Δ test (pt) | seconds | curvature s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(summary["results"], key=_sort_key):
+        target = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"{r['target_sparsity']:.2f}"
+        comp = d["weights"] / max(r["nonzero_weights"], 1)
+        delta = 100 * (r["test_accuracy"] - d["test_accuracy"])
+        lines.append(
+            f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× | "
+            f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
+            f"{r.get('curvature_seconds', 0.0):.1f} |")
+    extra = summary.get("measurements")
+    if extra:
+        lines += ["", "## Size and speed", "", extra]
+    lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_sparsity(path: str | Path, summary: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    dense = summary["dense"]["test_accuracy"]
+    ax.axhline(100 * dense, color="black", lw=1, ls="--", label=f"dense {100 * dense:.2f}%")
+    by_method: dict[str, list[dict]] = {}
+    for r in summary["results"]:
+        if "target_sparsity" in r:
+            by_method.setdefault(r["method"], []).append(r)
+    for method in sorted(by_method, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+        rs = sorted(by_method[method], key=lambda r: r["sparsity"])
+        ax.plot([100 * r["sparsity"] for r in rs], [100 * r["test_accuracy"] for r in rs], marker="o", label=method)
+    for r in summary["results"]:
+        if "max_drop" in r:
+            ax.scatter([100 * r["sparsity"]], [100 * r["test_accuracy"]], marker="*", s=80, zorder=3)
+    ax.set_xlabel("weights removed (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{summary['model']} on {summary['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+    def _write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png")
+
+    atomic_write(path, _write)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_study_outputs(out: str | Path, summary: dict[str, Any]) -> None:
+    out = Path(out)
+    write_summary(out / "summary.json", summary)
+    atomic_write_text(out / "report.md", render_report(summary))
+    if summary["results"]:
+        plot_accuracy_vs_sparsity(out / "accuracy_vs_sparsity.png", summary)

@@ -1,0 +1,220 @@
+"""Run folders: the model as safetensors plus a JSON manifest. No pickles, ever.
+
+A run folder holds ``model.safetensors`` (the state_dict; the manifest is embedded in its metadata too,
+so the single file is self-describing), ``masks.safetensors`` (uint8 keep-masks, for pruned runs) and
+``manifest.json`` (model, dataset, seed, versions, configs, masks summary, metrics, file hashes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import obdprune
+from obdprune.atomic import atomic_write, atomic_write_json
+from obdprune.errors import ModelFileError, UsageError
+from obdprune.masking import MaskSet, prunable_weights
+from obdprune.models import MODELS, build_model
+
+__all__ = ["save_run", "load_run", "LoadedRun", "PICKLE_SUFFIXES", "versions", "refuse_pickle"]
+
+MODEL_FILE = "model.safetensors"
+MASKS_FILE = "masks.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "obdprune-run"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
+
+
+def versions() -> dict[str, str]:
+    return {"obdprune": obdprune.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_run(folder: str | Path, model: nn.Module, manifest: dict[str, Any], masks: MaskSet | None = None) -> Path:
+    """Write ``model`` (and ``masks``) with ``manifest`` into ``folder``; each file atomically.
+
+    The manifest must hold ``model`` = {name, input_shape, num_classes}; versions, mask summaries and
+    file hashes are added here. Returns the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {folder}: {e.strerror}") from None
+    manifest = dict(manifest)
+    manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions()})
+    if masks is not None:
+        manifest["masks"] = {n: {"shape": list(m.shape), "kept": int(m.sum())} for n, m in masks.items()}
+    else:
+        manifest["masks"] = None
+    embedded = {k: v for k, v in manifest.items() if k != "files"}
+    meta = {"format": FORMAT, "manifest": json.dumps(embedded, sort_keys=True)}
+    _save_tensors(folder / MODEL_FILE, model.state_dict(), meta)
+    files = {MODEL_FILE: _sha256(folder / MODEL_FILE)}
+    if masks is not None:
+        _save_tensors(folder / MASKS_FILE, masks.state_tensors(), {"format": FORMAT})
+        files[MASKS_FILE] = _sha256(folder / MASKS_FILE)
+    elif (folder / MASKS_FILE).exists():
+        (folder / MASKS_FILE).unlink()
+    manifest["files"] = files
+    atomic_write_json(folder / MANIFEST_FILE, manifest)
+    return folder
+
+
+class LoadedRun:
+    """A model rebuilt from a run folder or model file, with its masks and manifest."""
+
+    def __init__(self, model: nn.Module, manifest: dict, masks: MaskSet | None, path: Path):
+        self.model, self.manifest, self.masks, self.path = model, manifest, masks, path
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse pickle-based checkpoints: loading them can execute arbitrary code."""
+    looks_pickle = path.suffix.lower() in PICKLE_SUFFIXES
+    if not looks_pickle and path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        looks_pickle = head[:1] == b"\x80" or head == b"PK"  # pickle protocol >= 2, or torch's zip container
+    if looks_pickle:
+        raise ModelFileError(
+            f"{path} is a pickle-based PyTorch file, which can run arbitrary code when loaded; obdprune "
+            f"never unpickles. If you trust it and it holds a state_dict of a known model, convert it: "
+            f"obdprune import-torch {path} --model NAME --dataset D --out RUN")
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+def load_run(path: str | Path, *, verify_hashes: bool = True) -> LoadedRun:
+    """Load a run folder, or a ``model.safetensors`` written by obdprune, into a model.
+
+    Validates the manifest (known model, shapes, masks binary and consistent with the weights and the
+    recorded counts) and raises ModelFileError with one clear line on any problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    if path.is_dir():
+        folder = path
+        model_path = folder / MODEL_FILE
+        manifest_path = folder / MANIFEST_FILE
+        if not model_path.exists():
+            refuse_any_pickle_in(folder)
+            raise ModelFileError(f"{folder} is not an obdprune run folder: {MODEL_FILE} is missing")
+    else:
+        refuse_pickle(path)
+        model_path, folder = path, path.parent
+        manifest_path = None
+    tensors, meta = _read_tensors(model_path)
+    if manifest_path is not None and manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFileError(f"{manifest_path} is not valid JSON ({e})") from None
+    elif "manifest" in meta:
+        try:
+            manifest = json.loads(meta["manifest"])
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{model_path}: embedded manifest is not valid JSON ({e})") from None
+    else:
+        raise ModelFileError(f"{model_path} carries no obdprune manifest and no {MANIFEST_FILE} is beside it")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelFileError(f"{manifest_path or model_path}: not an obdprune manifest (format must be {FORMAT!r})")
+    if verify_hashes and manifest_path is not None and isinstance(manifest.get("files"), dict):
+        for fname, digest in manifest["files"].items():
+            fpath = folder / fname
+            if fpath.exists() and _sha256(fpath) != digest:
+                raise ModelFileError(f"{fpath} does not match the sha256 recorded in {manifest_path}; it was modified")
+
+    model = _build_from_manifest(manifest, model_path)
+    _load_state(model, tensors, model_path)
+    masks = None
+    if manifest.get("masks"):
+        masks = _load_masks(folder / MASKS_FILE, manifest["masks"], model)
+    return LoadedRun(model, manifest, masks, path)
+
+
+def refuse_any_pickle_in(folder: Path) -> None:
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            refuse_pickle(p)
+
+
+def _build_from_manifest(manifest: dict, where: Path) -> nn.Module:
+    spec = manifest.get("model")
+    if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
+        raise ModelFileError(f"{where}: manifest 'model' must hold name, input_shape and num_classes")
+    if spec["name"] not in MODELS:
+        raise ModelFileError(f"{where}: unknown model {spec['name']!r} in manifest; known: {', '.join(MODELS)}")
+    try:
+        shape = tuple(int(s) for s in spec["input_shape"])
+        return build_model(spec["name"], shape, int(spec["num_classes"]))
+    except (TypeError, ValueError, UsageError) as e:
+        raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(f"{where}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(tensors[k].shape):
+            raise ModelFileError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, model expects {tuple(v.shape)}")
+        if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise ModelFileError(f"{where}: tensor {k!r} contains NaN or inf")
+    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
+
+
+def _load_masks(path: Path, summary: Any, model: nn.Module) -> MaskSet:
+    if not path.exists():
+        raise ModelFileError(f"{path} is missing but the manifest lists masks")
+    if not isinstance(summary, dict):
+        raise ModelFileError(f"{path}: manifest 'masks' must map parameter names to shapes and counts")
+    tensors, _ = _read_tensors(path)
+    weights = prunable_weights(model)
+    masks = {}
+    if set(tensors) != set(summary):
+        raise ModelFileError(f"{path}: mask names differ from the manifest's")
+    for name, t in tensors.items():
+        if name not in weights:
+            raise ModelFileError(f"{path}: mask for {name!r}, which is not a Conv2d/Linear weight of the model")
+        w = weights[name]
+        if tuple(t.shape) != tuple(w.shape) or list(t.shape) != list(summary[name].get("shape", [])):
+            raise ModelFileError(f"{path}: mask {name!r} has shape {tuple(t.shape)}, weight has {tuple(w.shape)}")
+        if t.is_floating_point() or not bool(((t == 0) | (t == 1)).all()):
+            raise ModelFileError(f"{path}: mask {name!r} holds values other than 0 and 1")
+        m = t != 0
+        if int(m.sum()) != summary[name].get("kept"):
+            raise ModelFileError(f"{path}: mask {name!r} keeps {int(m.sum())} weights, the manifest says {summary[name].get('kept')}")
+        if bool((w.detach()[~m] != 0).any()):
+            raise ModelFileError(f"{path}: weights of {name!r} are nonzero where the mask prunes them")
+        masks[name] = m
+    return MaskSet(masks)

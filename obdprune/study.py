@@ -1,0 +1,176 @@
+"""Whole studies: train the dense model, prune it with each method, write runs and reports.
+
+The CLI is a thin layer over these functions; they are also the Python API for scripted studies.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from obdprune.data import Dataset, load_dataset
+from obdprune.errors import UsageError
+from obdprune.methods import Method, PruneConfig, PruneResult, measured_sparsity, prune_model
+from obdprune.models import build_model, model_spec
+from obdprune.report import write_study_outputs
+from obdprune.runfile import LoadedRun, save_run
+from obdprune.train import TrainConfig, evaluate, train
+
+__all__ = ["DataSpec", "load_data", "train_dense", "prune_dense", "run_compare", "result_label"]
+
+
+class DataSpec(dict):
+    """JSON-able description of a dataset load, stored in manifests so a run can reload its data."""
+
+    @classmethod
+    def make(cls, name: str, data_dir: str | None = None, *, val_fraction: float = 0.1,
+             train_limit: int | None = None, test_limit: int | None = None) -> "DataSpec":
+        return cls(name=name, data_dir=str(data_dir) if data_dir else None, val_fraction=val_fraction,
+                   train_limit=train_limit, test_limit=test_limit)
+
+
+def load_data(spec: dict, data_dir: str | None = None) -> Dataset:
+    """Load the dataset a DataSpec (or a manifest's ``dataset`` entry) describes; ``data_dir`` overrides."""
+    return load_dataset(spec["name"], data_dir or spec.get("data_dir"), val_fraction=spec.get("val_fraction", 0.1),
+                        train_limit=spec.get("train_limit"), test_limit=spec.get("test_limit"))
+
+
+def _dataset_entry(spec: dict, data: Dataset) -> dict:
+    return {**spec, "source": data.source, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
+            "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
+
+
+def _metrics(model: nn.Module, data: Dataset, device) -> dict:
+    val_acc, val_loss = evaluate(model, data.val.x, data.val.y, device=device)
+    test_acc, test_loss = evaluate(model, data.test.x, data.test.y, device=device)
+    sparsity, nonzero, total = measured_sparsity(model)
+    return {"val_accuracy": val_acc, "test_accuracy": test_acc, "val_loss": val_loss, "test_loss": test_loss,
+            "weights": total, "nonzero_weights": nonzero, "sparsity": sparsity}
+
+
+def train_dense(data: Dataset, spec: dict, model_name: str, cfg: TrainConfig, *, device: str = "cpu",
+                progress: bool = True, out: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """Build ``model_name`` for ``data`` (model init seeded by ``cfg.seed``), train it, optionally save a run."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    t0 = time.perf_counter()
+    history = train(model, data.train.x, data.train.y, cfg, device=device, progress=progress, desc="dense")
+    manifest = {
+        "kind": "dense",
+        "model": model_spec(model_name, data.input_shape, data.num_classes),
+        "dataset": _dataset_entry(spec, data),
+        "seed": cfg.seed,
+        "device": str(device),
+        "train": cfg.to_dict(),
+        "history": history,
+        "seconds": time.perf_counter() - t0,
+        "metrics": _metrics(model, data, device),
+    }
+    if out is not None:
+        save_run(out, model.cpu(), manifest)
+    return model, manifest
+
+
+def result_label(r: PruneResult) -> str:
+    if r.max_drop is not None:
+        return f"{r.method}-maxdrop{r.max_drop:g}"
+    return f"{r.method}-s{r.target_sparsity:.4g}"
+
+
+def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: PruneConfig, *,
+                targets: Sequence[float] = (), max_drop: float | None = None, device: str = "cpu",
+                progress: bool = True, out_dir: str | Path | None = None,
+                on_round: Callable[[dict], None] | None = None) -> list[dict]:
+    """Prune a dense run with one method; save each result as a run folder under ``out_dir/<label>``.
+
+    Returns the results as summary dicts (see :class:`obdprune.methods.PruneResult`), each with its
+    ``path`` when saved.
+    """
+    model, manifest = (dense.model, dense.manifest) if isinstance(dense, LoadedRun) else dense
+    dense_val = manifest["metrics"]["val_accuracy"]
+    results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
+                          device=device, progress=progress, on_round=on_round)
+    out = []
+    for r in results:
+        d = r.to_dict()
+        if out_dir is not None:
+            pruned = build_model(manifest["model"]["name"], tuple(manifest["model"]["input_shape"]),
+                                 manifest["model"]["num_classes"])
+            pruned.load_state_dict(r.state_dict)
+            path = Path(out_dir) / result_label(r)
+            run_manifest = {
+                "kind": "pruned",
+                "model": manifest["model"],
+                "dataset": manifest["dataset"],
+                "seed": cfg.seed,
+                "device": str(device),
+                "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]},
+                "prune": cfg.to_dict(),
+                "negative_curvature": cfg.negative_curvature,
+                "result": d,
+                "metrics": {"val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy,
+                            "weights": r.weights, "nonzero_weights": r.nonzero_weights, "sparsity": r.sparsity},
+            }
+            save_run(path, pruned, run_manifest, masks=r.masks)
+            d["path"] = str(path)
+        out.append(d)
+    return out
+
+
+def run_compare(
+    data: Dataset,
+    spec: dict,
+    model_name: str,
+    train_cfg: TrainConfig,
+    prune_cfg: PruneConfig,
+    *,
+    methods: Sequence[str] = ("magnitude", "l1", "obd", "hybrid"),
+    targets: Sequence[float] = (),
+    max_drop: float | None = None,
+    out: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the dense model once, run every method at every target from the same dense weights, and
+    write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``."""
+    if not targets and max_drop is None:
+        raise UsageError("give --sparsity targets, --max-drop, or both")
+    methods = [Method.parse(m).value for m in methods]
+    out = Path(out)
+    log(f"training dense {model_name} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
+        f"{len(data.test)} test)")
+    dense_model, dense_manifest = train_dense(data, spec, model_name, train_cfg, device=device, progress=progress,
+                                              out=out / "dense")
+    m = dense_manifest["metrics"]
+    log(f"dense: test {100 * m['test_accuracy']:.2f}%, val {100 * m['val_accuracy']:.2f}%")
+    summary: dict[str, Any] = {
+        "dataset": data.name,
+        "model": model_name,
+        "seed": train_cfg.seed,
+        "dense": {k: m[k] for k in ("test_accuracy", "val_accuracy", "weights", "nonzero_weights")}
+                 | {"seconds": dense_manifest["seconds"], "path": str(out / "dense")},
+        "train": train_cfg.to_dict(),
+        "prune": prune_cfg.to_dict(),
+        "targets": list(targets),
+        "max_drop": max_drop,
+        "results": [],
+    }
+    for method in methods:
+        cfg = replace(prune_cfg, method=method)
+        log(f"pruning with {method}")
+        rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
+                         device=device, progress=progress, out_dir=out / "runs")
+        for r in rs:
+            tag = f"max-drop {r['max_drop']}" if "max_drop" in r else f"target {r['target_sparsity']:.2f}"
+            log(f"  {method} {tag}: sparsity {100 * r['sparsity']:.2f}%, test {100 * r['test_accuracy']:.2f}%, "
+                f"val {100 * r['val_accuracy']:.2f}%")
+        summary["results"].extend(rs)
+        write_study_outputs(out, summary)
+    write_study_outputs(out, summary)
+    return summary
