@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--train-limit", type=_positive_int, default=None, help="try it on a subset of the training set")
+    p.add_argument("--test-limit", type=_positive_int, default=None, help="try it on a subset of the test set")
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
@@ -238,12 +240,18 @@ def _need_target(args) -> None:
 
 
 def _check_out(path: str) -> Path:
+    import tempfile
+
     out = Path(path)
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UsageError(f"--out {out}: {probe} is not a writable folder")
+    try:
+        if not probe.is_dir():
+            raise OSError
+        tempfile.TemporaryDirectory(dir=probe).cleanup()  # really try: permissions, read-only mounts, /proc
+    except OSError:
+        raise UsageError(f"--out {out}: {probe} is not a writable folder") from None
     return out
 
 
@@ -347,6 +355,10 @@ def cmd_demo(args) -> int:
         argv.append("--no-progress")
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    if args.train_limit:
+        argv += ["--train-limit", str(args.train_limit)]
+    if args.test_limit:
+        argv += ["--test-limit", str(args.test_limit)]
     print("obdprune demo: " + " ".join(argv))
     return main(argv)
 

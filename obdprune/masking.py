@@ -213,8 +213,8 @@ def select_masks(
         cand_scores, cand_owner, cand_index = [], [], []
         for i, name in enumerate(names):
             s = flat[name]
-            order = torch.sort(s, descending=True, stable=True).indices
-            rest = order[floors[name]:]
+            order = torch.sort(s, stable=True).indices  # ascending; ties in position order
+            rest = order[: s.numel() - floors[name]]
             cand_scores.append(s[rest])
             cand_owner.append(torch.full((rest.numel(),), i, dtype=torch.int64))
             cand_index.append(rest)
@@ -235,9 +235,9 @@ def select_masks(
 
 
 def _keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = torch.sort(scores, stable=True).indices  # ascending; among ties the earlier position goes first
     k = torch.zeros(scores.numel(), dtype=torch.bool)
-    k[order[:n_keep]] = True
+    k[order[scores.numel() - n_keep:]] = True
     return k
 
 
