@@ -1,0 +1,886 @@
+"""Physically remove dead units (filters / neurons) from a pruned model.
+
+Masks alone change neither run time nor file size; this module turns a model whose pruned weights
+are exactly 0.0 into a smaller dense model that computes the same function.
+
+* :func:`find_dead_units` decides, exactly and conservatively, which output units of each
+  Conv/Linear layer can be removed without changing the model's outputs.
+* :func:`compact` removes them with Torch-Pruning's DependencyGraph, which also removes the
+  matching BatchNorm entries, biases and the inputs of the following layer(s) (through Flatten,
+  residual additions and concatenations).
+* :func:`resize_to_state_dict` rebuilds the layer shapes of a compacted model from a fresh dense
+  architecture and a saved state_dict, so compacted models load back without pickles.
+
+How deadness is decided (per channel ``c`` of a Torch-Pruning group, i.e. the set of channels
+that must be removed together -- a conv output, its BatchNorm, every tensor added to it in a
+residual sum, and the matching inputs of every layer that reads it):
+
+1. every node of the group must be an op whose channel structure we understand (conv, linear,
+   batch norm, channel-wise activations/pooling, flatten, add/mul of aligned tensors, cat on dim
+   1); otherwise no channel of the group is removed;
+2. no tensor of the group may be a model output (its units are never removed);
+3. for every layer that reads channel ``c`` (consumer conv/linear, after Flatten ``c`` becomes
+   H*W consecutive inputs), each input position either has all-zero weights in the consumer or
+   carries a value that is identically zero for every model input.
+
+"Identically zero" is propagated forward through the graph: a conv/linear output is zero when
+its bias is zero and every weight that meets a non-zero input is zero; a BatchNorm output is
+zero when its scale and shift are zero (or when its input is zero, the shift is zero and the
+scale or running mean is zero); ReLU, ELU, GELU, SiLU, tanh, pooling, ... keep zeros zero;
+Sigmoid, Softplus, adding a constant, ... do not. A sum of coupled channels is zero only when
+every summand is zero, so a channel dead in just one branch of a residual block is kept.
+
+Removing dead units can make others dead (their only readers disappear); the analysis zeroes
+dead units in a scratch copy and repeats until nothing changes. :func:`compact` then checks
+that the compacted model reproduces the original outputs and refuses (per group) any removal
+that does not.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops as tp_ops
+
+from obdprune.errors import ModelFileError, ObdpruneError, UsageError
+
+__all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+# Channel-wise unary ops (output channel c depends only on input channel c). Values: whether
+# f(0) == 0 exactly, i.e. an identically-zero input channel stays identically zero.
+_UNARY_OPS: dict[str, bool] = {
+    "ReluBackward": True,
+    "LeakyReluBackward": True,
+    "EluBackward": True,
+    "GeluBackward": True,
+    "SiluBackward": True,
+    "MishBackward": True,
+    "HardswishBackward": True,
+    "TanhBackward": True,
+    "NegBackward": True,
+    "AbsBackward": True,
+    "CloneBackward": True,
+    "MaxPool1DWithIndicesBackward": True,
+    "MaxPool2DWithIndicesBackward": True,
+    "MaxPool3DWithIndicesBackward": True,
+    "AvgPool2DBackward": True,
+    "AvgPool3DBackward": True,
+    "AdaptiveAvgPool2DBackward": True,
+    "AdaptiveAvgPool3DBackward": True,
+    "AdaptiveMaxPool2DBackward": True,
+    "AdaptiveMaxPool3DBackward": True,
+    "UpsampleNearest2DBackward": True,
+    "UpsampleBilinear2DBackward": True,
+    "HardtanhBackward": True,  # exact constants propagated by clamping, see _compute_const
+    "SigmoidBackward": False,
+    "HardsigmoidBackward": False,
+    "SoftplusBackward": False,
+    "ExpBackward": False,
+}
+# Ops that map a constant channel to the same constant (max-pool pads with -inf).
+_CONST_PRESERVING = {
+    "CloneBackward",
+    "MaxPool1DWithIndicesBackward",
+    "MaxPool2DWithIndicesBackward",
+    "MaxPool3DWithIndicesBackward",
+    "AdaptiveMaxPool2DBackward",
+    "AdaptiveMaxPool3DBackward",
+    "UpsampleNearest2DBackward",
+}
+_REDUCE_OPS = ("MeanBackward1", "SumBackward1")
+_SHAPE_OPS = (
+    "ViewBackward",
+    "ReshapeAliasBackward",
+    "UnsafeViewBackward",
+    "SqueezeBackward",
+    "UnsqueezeBackward",
+)
+_BINARY_OPS = ("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")
+
+
+def _op_name(grad_fn: Any) -> str:
+    """``ReluBackward0`` -> ``ReluBackward`` (drop the overload number)."""
+    return grad_fn.name().rstrip("0123456789") if grad_fn is not None else ""
+
+
+def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _flatten_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flatten_tensors(v)]
+    return []
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, torch.Tensor):
+        return model(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (list, tuple)):
+        return model(*example_inputs)
+    raise UsageError("example_inputs must be a tensor, a tuple/list of tensors or a dict of tensors")
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, _CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv (non-transposed) and Linear layers, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (*_CONV_TYPES, nn.Linear))]
+
+
+def _n_out(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def count_units(model: nn.Module) -> dict[str, int]:
+    """Number of output units (filters / neurons) of each Conv/Linear layer, by dotted name."""
+    return {n: _n_out(m) for n, m in _prunable_modules(model)}
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing: Torch-Pruning's graph plus what it does not record (shapes, operand order, outputs).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    dg: tp.DependencyGraph
+    gf2node: dict[Any, Any]
+    shapes: dict[Any, tuple[int, ...]]  # grad_fn -> output shape
+    module_input: dict[nn.Module, Any]  # module -> grad_fn of its (single-call) input, or None
+    module_in_shape: dict[nn.Module, tuple[int, ...]]
+    reused: set[nn.Module]
+    output_gfs: set[Any]
+    consts: dict[Any, torch.Tensor | None] = field(default_factory=dict)  # node -> channel consts
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
+    """Build the dependency graph of ``model`` (modified: eval mode, requires_grad) and record
+    each node's output shape via backward pre-hooks."""
+    calls: dict[nn.Module, list[tuple[Any, tuple[int, ...]]]] = {}
+    kept: dict[str, Any] = {}
+
+    def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        calls.setdefault(mod, []).append(
+            (x.grad_fn if x is not None else None, tuple(x.shape) if x is not None else ())
+        )
+
+    def forward_fn(m: nn.Module, inputs: Any) -> Any:
+        handles = [
+            sub.register_forward_hook(hook)
+            for sub in m.modules()
+            if isinstance(sub, (*_CONV_TYPES, nn.Linear, *_BN_TYPES))
+        ]
+        try:
+            out = _call(m, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        kept["out"] = out
+        return out
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=forward_fn, verbose=False
+        )
+        outputs = [t for t in _flatten_tensors(kept["out"]) if t.grad_fn is not None]
+        gf2node = {node.grad_fn: node for node in dg.module2node.values()}
+        shapes: dict[Any, tuple[int, ...]] = {}
+        handles = []
+        for gf in gf2node:
+            if gf is None:
+                continue
+
+            def pre(grad_outputs: tuple, gf: Any = gf) -> None:
+                for g in grad_outputs:
+                    if g is not None:
+                        shapes[gf] = tuple(g.shape)
+                        break
+
+            handles.append(gf.register_prehook(pre))
+        if outputs:
+            params = [p for p in model.parameters()]
+            torch.autograd.grad(
+                outputs,
+                params,
+                grad_outputs=[torch.ones_like(o) for o in outputs],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        for h in handles:
+            h.remove()
+    module_input = {m: c[0][0] for m, c in calls.items()}
+    module_in_shape = {m: c[0][1] for m, c in calls.items()}
+    reused = {m for m, c in calls.items() if len(c) > 1}
+    return _Trace(
+        dg=dg,
+        gf2node=gf2node,
+        shapes=shapes,
+        module_input=module_input,
+        module_in_shape=module_in_shape,
+        reused=reused,
+        output_gfs={o.grad_fn for o in outputs},
+    )
+
+
+def _operands(tr: _Trace, node: Any) -> list[Any]:
+    """Operand nodes of ``node`` in call order; ``None`` for an operand the graph does not track
+    (a constant, a buffer, the model input)."""
+    gf = node.grad_fn
+    if gf is None or not hasattr(gf, "next_functions"):
+        return []
+    return [tr.gf2node.get(f) if f is not None else None for f, _ in gf.next_functions]
+
+
+def _channels(shape: tuple[int, ...] | None) -> int | None:
+    return shape[1] if shape is not None and len(shape) >= 2 else None
+
+
+def _shape_of(tr: _Trace, node: Any) -> tuple[int, ...] | None:
+    return tr.shapes.get(node.grad_fn)
+
+
+def _norm_dims(dims: Iterable[int], ndim: int) -> set[int]:
+    out = set()
+    for d in dims:
+        d = int(d)
+        if d >= 2**63:  # autograd stores negative dims as uint64
+            d -= 2**64
+        out.add(d % ndim)
+    return out
+
+
+def _shape_op_kind(tr: _Trace, node: Any) -> str | None:
+    """For view/reshape/squeeze nodes: ``"same"`` (batch and channel dims unchanged),
+    ``"flatten"`` ((N, C, *S) -> (N, C*prod(S))) or ``None`` (anything else)."""
+    ins = _operands(tr, node)
+    if len(ins) != 1 or ins[0] is None:
+        return None
+    s_in, s_out = _shape_of(tr, ins[0]), _shape_of(tr, node)
+    if s_in is None or s_out is None or len(s_in) < 2 or len(s_out) < 2 or s_in[0] != s_out[0]:
+        return None
+    if s_in[1] == s_out[1] and math.prod(s_in[2:]) == math.prod(s_out[2:]):
+        return "same"
+    if len(s_out) == 2 and s_out[1] == math.prod(s_in[1:]):
+        return "flatten"
+    return None
+
+
+def _scalar_operand(gf: Any, index: int) -> torch.Tensor | None:
+    """The saved constant operand ``index`` of a Mul/Div node when it is a finite scalar."""
+    attr = "_saved_self" if index == 0 else "_saved_other"
+    try:
+        v = getattr(gf, attr)
+    except Exception:
+        return None
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and bool(torch.isfinite(v).all()):
+        return v
+    return None
+
+
+def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
+    """Whether removing a channel of this node's tensor (of its input, for a ``reader``) is
+    structurally safe (see the module docstring)."""
+    if not reader and (node.grad_fn in tr.output_gfs or node.type == tp_ops.OPTYPE.OUTPUT):
+        return False
+    m = node.module
+    if isinstance(m, nn.Module) and m in tr.reused:
+        return False
+    t = node.type
+    if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV):
+        if not isinstance(m, _CONV_TYPES):
+            return False  # transposed convs
+        return m.groups == 1 or _is_depthwise(m)
+    if t == tp_ops.OPTYPE.LINEAR:
+        return len(tr.module_in_shape.get(m, ())) == 2
+    if t == tp_ops.OPTYPE.BN:
+        return True
+    if t == tp_ops.OPTYPE.RESHAPE:
+        return _shape_op_kind(tr, node) is not None
+    if t == tp_ops.OPTYPE.CONCAT:
+        gf = node.grad_fn
+        s = _shape_of(tr, node)
+        ops_ = _operands(tr, node)
+        return (
+            s is not None
+            and hasattr(gf, "_saved_dim")
+            and _norm_dims([gf._saved_dim], len(s)) == {1}
+            and all(o is not None for o in ops_)
+        )
+    if t != tp_ops.OPTYPE.ELEMENTWISE:
+        return False
+    gf = node.grad_fn
+    name = _op_name(gf)
+    full = gf.name() if gf is not None else ""
+    if name == "TBackward" and not node.inputs:
+        return True  # the transposed weight of a Linear
+    if name in _UNARY_OPS:
+        return len([o for o in _operands(tr, node) if o is not None]) == 1
+    if name.startswith(_SHAPE_OPS):
+        return _shape_op_kind(tr, node) is not None
+    if full in _REDUCE_OPS:
+        s = getattr(gf, "_saved_self_sym_sizes", None)
+        if s is None or len(s) < 3:
+            return False
+        dims = _norm_dims(gf._saved_dim, len(s))
+        return 0 not in dims and 1 not in dims
+    if full in _BINARY_OPS:
+        ops_ = _operands(tr, node)
+        c_out = _channels(_shape_of(tr, node))
+        if c_out is None:
+            return False
+        for i, o in enumerate(ops_):
+            if o is None:
+                if name not in ("MulBackward", "DivBackward") or (name == "DivBackward" and i == 0):
+                    return False
+                if _scalar_operand(gf, i) is None:
+                    return False
+            elif _channels(_shape_of(tr, o)) != c_out:
+                return False
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Constant propagation: which channels are identically zero (or another constant)
+# --------------------------------------------------------------------------------------------
+
+
+def _input_zero(tr: _Trace, module: nn.Module, length: int) -> torch.Tensor:
+    """Bool (length,): True where the input channel of ``module`` is identically zero."""
+    gf = tr.module_input.get(module)
+    node = tr.gf2node.get(gf) if gf is not None else None
+    const = _const(tr, node) if node is not None else None
+    if const is None or const.numel() != length:
+        return torch.zeros(length, dtype=torch.bool)
+    return const == 0
+
+
+def _const(tr: _Trace, node: Any) -> torch.Tensor | None:
+    """Float64 vector over the channel dim (dim 1) of ``node``'s output: the value a channel has
+    at every position for every model input, NaN where it is not provably constant; None when
+    the channel count is unknown. Iterative post-order over the graph."""
+    if node in tr.consts:
+        return tr.consts[node]
+    stack = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        if n in tr.consts:
+            continue
+        m = n.module
+        if isinstance(m, nn.Module) and m in tr.module_input:
+            gf_in = tr.module_input[m]
+            n_in = tr.gf2node.get(gf_in) if gf_in is not None else None
+            deps = [n_in] if n_in is not None else []
+        else:
+            deps = [o for o in _operands(tr, n) if o is not None]
+        if not ready:
+            stack.append((n, True))
+            stack.extend((d, False) for d in deps if d not in tr.consts)
+            continue
+        tr.consts[n] = _compute_const(tr, n)
+    return tr.consts[node]
+
+
+def _zero_only(v: torch.Tensor) -> torch.Tensor:
+    """Keep the zeros of ``v`` (f(0) == 0 ops), forget other constants."""
+    return torch.where(v == 0, torch.zeros_like(v), torch.full_like(v, math.nan))
+
+
+@torch.no_grad()
+def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
+    c = _channels(_shape_of(tr, node))
+    if c is None:
+        return None
+    unknown = torch.full((c,), math.nan, dtype=torch.float64)
+    m = node.module
+    if isinstance(m, nn.Module) and m in tr.reused:
+        return unknown
+    t = node.type
+    if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV, tp_ops.OPTYPE.LINEAR):
+        if not isinstance(m, (*_CONV_TYPES, nn.Linear)) or _n_out(m) != c:
+            return unknown
+        w = m.weight.detach()
+        groups = getattr(m, "groups", 1)
+        in_zero = _input_zero(tr, m, w.shape[1] * groups)
+        nz = (w != 0).reshape(w.shape[0], w.shape[1], -1).any(dim=2)  # (out, in/groups)
+        out_group = torch.arange(w.shape[0]) // (w.shape[0] // groups)
+        live_in = ~in_zero.view(groups, w.shape[1])[out_group]  # (out, in/groups)
+        # Only zero inputs may be ignored: a constant non-zero input is not constant after a
+        # zero-padded conv, and a weighted sum of constants is not exactly predictable.
+        const_out = ~(nz & live_in).any(dim=1)
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
+        return torch.where(const_out, bias, unknown)
+    if t == tp_ops.OPTYPE.BN:
+        if not isinstance(m, _BN_TYPES) or m.num_features != c:
+            return unknown
+        in_zero = _input_zero(tr, m, c)
+        mean = m.running_mean if m.running_mean is not None else torch.zeros(c)
+        if m.affine:
+            gamma, beta = m.weight.detach(), m.bias.detach().double()
+            out = torch.where(gamma == 0, beta, unknown)  # 0 * x_hat + beta
+            return torch.where(in_zero & (beta == 0) & (mean == 0), torch.zeros_like(out), out)
+        return torch.where(in_zero & (mean == 0), torch.zeros(c, dtype=torch.float64), unknown)
+    ops_ = _operands(tr, node)
+    ins = [_const(tr, o) if o is not None else None for o in ops_]
+    if t == tp_ops.OPTYPE.CONCAT:
+        if not _node_ok(tr, node):
+            return unknown
+        parts = []
+        for o, v in zip(ops_, ins):
+            ch = _channels(_shape_of(tr, o))
+            if ch is None:
+                return unknown
+            parts.append(v if v is not None and v.numel() == ch else torch.full((ch,), math.nan, dtype=torch.float64))
+        out = torch.cat(parts)
+        return out if out.numel() == c else unknown
+    if t == tp_ops.OPTYPE.RESHAPE or (
+        t == tp_ops.OPTYPE.ELEMENTWISE and _op_name(node.grad_fn).startswith(_SHAPE_OPS)
+    ):
+        kind = _shape_op_kind(tr, node)
+        v = ins[0] if ins else None
+        if kind is None or v is None:
+            return unknown
+        out = v if kind == "same" else v.repeat_interleave(c // v.numel())
+        return out.clone() if out.numel() == c else unknown
+    if t != tp_ops.OPTYPE.ELEMENTWISE or not _node_ok(tr, node):
+        return unknown
+    gf = node.grad_fn
+    name, full = _op_name(gf), gf.name()
+    tracked = [v for o, v in zip(ops_, ins) if o is not None]
+    if not tracked or any(v is None or v.numel() != c for v in tracked):
+        return unknown
+    v = tracked[0]
+    if name == "ReluBackward":
+        return v.clamp(min=0.0)  # NaN stays NaN
+    if name == "HardtanhBackward":
+        return v.clamp(min=float(gf._saved_min_val), max=float(gf._saved_max_val))
+    if name in _CONST_PRESERVING:
+        return v.clone()
+    if name in _UNARY_OPS:
+        return _zero_only(v) if _UNARY_OPS[name] else unknown
+    if full in _REDUCE_OPS:
+        return _zero_only(v)
+    if full in ("AddBackward0", "SubBackward0"):
+        zero = torch.stack([u == 0 for u in tracked]).all(dim=0)
+        return torch.where(zero, torch.zeros_like(v), unknown)
+    if full == "MulBackward0":
+        zero = torch.stack([u == 0 for u in tracked]).any(dim=0)
+        return torch.where(zero, torch.zeros_like(v), unknown)
+    if full == "DivBackward0" and len(tracked) == 1 and ops_[0] is not None:
+        s = _scalar_operand(gf, 1)
+        return _zero_only(v) if s is not None and float(s) != 0.0 else unknown
+    return unknown
+
+
+# --------------------------------------------------------------------------------------------
+# Group analysis
+# --------------------------------------------------------------------------------------------
+
+
+def _out_fn(dg: tp.DependencyGraph, m: nn.Module) -> Any:
+    return dg.get_pruner_of_module(m).prune_out_channels
+
+
+def _role(dg: tp.DependencyGraph, item: Any) -> str:
+    """``producer`` / ``reader`` / ``channelwise`` (BN, depthwise conv) / ``other``."""
+    m = item.dep.target.module
+    if isinstance(m, _BN_TYPES) or _is_depthwise(m):
+        return "channelwise"
+    if isinstance(m, (*_CONV_TYPES, nn.Linear)):
+        return "producer" if dg.is_out_channel_pruning_fn(item.dep.handler) else "reader"
+    return "other"
+
+
+@dataclass
+class _Group:
+    root: nn.Module
+    items: list[Any]
+    ok: bool
+    dead: torch.Tensor  # bool over root channels
+
+
+@torch.no_grad()
+def _analyse_groups(model: nn.Module, example_inputs: Any) -> tuple[_Trace, list[_Group]]:
+    """Trace ``model`` (which is modified: eval mode, requires_grad) and decide, for every
+    channel group, which root channels are dead. No 'keep one' rule here."""
+    tr = _trace(model, example_inputs)
+    dg = tr.dg
+    covered: set[nn.Module] = set()
+    groups: list[_Group] = []
+    for _, m in _prunable_modules(model):
+        if m in covered or m not in dg.module2node:
+            continue
+        n = _n_out(m)
+        with torch.enable_grad():
+            group = dg.get_pruning_group(m, _out_fn(dg, m), list(range(n)))
+        items = list(group.items)
+        for it in items:
+            if _role(dg, it) in ("producer", "channelwise"):
+                covered.add(it.dep.target.module)
+        ok = all(_node_ok(tr, it.dep.target, _role(dg, it) == "reader") for it in items)
+        dead = torch.zeros(n, dtype=torch.bool)
+        if ok:
+            dead[:] = True
+            for it in items:
+                if _role(dg, it) != "reader":
+                    continue
+                reader = it.dep.target.module
+                w = reader.weight.detach()
+                idx = torch.as_tensor(list(it.idxs), dtype=torch.long)
+                roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+                in_zero = _input_zero(tr, reader, w.shape[1])
+                col_nz = (w != 0).transpose(0, 1).reshape(w.shape[1], -1).any(dim=1)  # (in,)
+                contributes = col_nz[idx] & ~in_zero[idx]
+                dead[roots[contributes]] = False
+        groups.append(_Group(root=m, items=items, ok=ok, dead=dead))
+    return tr, groups
+
+
+@torch.no_grad()
+def _zero_dead(dg: tp.DependencyGraph, group: _Group) -> None:
+    """Set every slice that belongs to a dead channel of ``group`` to zero (function-preserving:
+    a dead channel contributes nothing anyway)."""
+    for it in group.items:
+        role = _role(dg, it)
+        if role == "other":
+            continue
+        roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+        idx = torch.as_tensor(list(it.idxs), dtype=torch.long)[group.dead[roots]]
+        if idx.numel() == 0:
+            continue
+        m = it.dep.target.module
+        if role == "reader":
+            m.weight[:, idx] = 0
+            continue
+        if isinstance(m, _BN_TYPES) and not m.affine:
+            continue
+        m.weight[idx] = 0
+        if m.bias is not None:
+            m.bias[idx] = 0
+
+
+def _first_sample(example_inputs: Any) -> Any:
+    """Batch of one for tracing (the analysis does not depend on the batch size)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs[:1] if example_inputs.dim() > 0 and example_inputs.shape[0] > 1 else example_inputs
+    if isinstance(example_inputs, Mapping):
+        return {k: _first_sample(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (list, tuple)):
+        return type(example_inputs)(_first_sample(v) for v in example_inputs)
+    return example_inputs
+
+
+def _find_dead(model: nn.Module, example_inputs: Any) -> tuple[dict[str, torch.Tensor], list[_Group], dict[nn.Module, str]]:
+    """:func:`find_dead_units` plus the channel groups of the last round (on a scratch copy)
+    and the scratch modules' names."""
+    if not isinstance(model, nn.Module):
+        raise UsageError("expected an nn.Module")
+    example_inputs = _first_sample(example_inputs)
+    scratch = copy.deepcopy(model)
+    names = {m: n for n, m in _prunable_modules(scratch)}
+    result = {n: torch.zeros(_n_out(m), dtype=torch.bool) for m, n in names.items()}
+    groups: list[_Group] = []
+    for _ in range(64):
+        tr, groups = _analyse_groups(scratch, example_inputs)
+        grew = False
+        for g in groups:
+            if not g.dead.any():
+                continue
+            for it in g.items:
+                if _role(tr.dg, it) not in ("producer", "channelwise"):
+                    continue
+                m = it.dep.target.module
+                if m not in names:
+                    continue  # BatchNorm
+                roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+                idx = torch.as_tensor(list(it.idxs), dtype=torch.long)[g.dead[roots]]
+                mask = result[names[m]]
+                grew |= not bool(mask[idx].all())
+                mask[idx] = True
+            _zero_dead(tr.dg, g)
+        if not grew:
+            break
+    return result, groups, names
+
+
+def find_dead_units(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
+    """Dead output units of every Conv/Linear layer.
+
+    Returns ``{dotted module name: bool tensor of shape (out_units,)}``, True where the unit can
+    be removed without changing the model's function (see the module docstring), including
+    units that only become dead once other dead units are gone. ``model`` is not modified.
+    Units feeding the model's outputs are never dead.
+    """
+    return _find_dead(model, example_inputs)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Surgery
+# --------------------------------------------------------------------------------------------
+
+
+def _random_like_inputs(example_inputs: Any, seed: int) -> Any:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        if isinstance(x, Mapping):
+            return {k: rnd(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(rnd(v) for v in x)
+        return x
+
+    return rnd(example_inputs)
+
+
+@torch.no_grad()
+def _max_output_diff(a: nn.Module, b: nn.Module, inputs: list[Any]) -> float:
+    """Largest |a(x) - b(x)| relative to max(1, |a(x)|) over ``inputs`` (eval mode); inf on
+    shape mismatch or failure."""
+    worst = 0.0
+    for x in inputs:
+        try:
+            ya, yb = _flatten_tensors(_call(a, x)), _flatten_tensors(_call(b, x))
+        except Exception:
+            return math.inf
+        if len(ya) != len(yb):
+            return math.inf
+        for ta, tb in zip(ya, yb):
+            if ta.shape != tb.shape:
+                return math.inf
+            if ta.numel() == 0:
+                continue
+            ta, tb = ta.double(), tb.double()
+            scale = max(1.0, float(ta.abs().max()))
+            d = float((ta - tb).abs().max()) / scale
+            if math.isnan(d):
+                same_nan = bool(torch.equal(torch.isnan(ta), torch.isnan(tb)))
+                finite = ~torch.isnan(ta)
+                d = float((ta[finite] - tb[finite]).abs().max()) / scale if same_nan and finite.any() else (0.0 if same_nan else math.inf)
+            worst = max(worst, d)
+    return worst
+
+
+def _plan(model: nn.Module, example_inputs: Any) -> list[tuple[str, list[int]]]:
+    """``[(root module name, root channel indices to remove)]`` for the current model; keeps at
+    least one channel in every group so that no layer becomes empty."""
+    dead, groups, names = _find_dead(model, example_inputs)
+    plan = []
+    for g in groups:
+        root_name = names[g.root]
+        idxs = torch.nonzero(dead[root_name]).flatten().tolist()
+        if not g.ok:
+            continue
+        if len(idxs) == _n_out(g.root):
+            idxs = idxs[1:]
+        if idxs:
+            plan.append((root_name, idxs))
+    return plan
+
+
+def _apply(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int]]]) -> None:
+    """Remove the planned channels in place with Torch-Pruning."""
+    was_training = model.training
+    modules = dict(model.named_modules())
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=_first_sample(example_inputs), forward_fn=lambda m, x: _call(m, x), verbose=False
+        )
+        groups = []
+        for name, idxs in plan:
+            m = modules[name]
+            groups.append(dg.get_pruning_group(m, _out_fn(dg, m), idxs))
+        for g in groups:
+            g.prune()
+    model.train(was_training)
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    atol: float = 1e-5,
+    max_rounds: int = 8,
+) -> nn.Module:
+    """A new, physically smaller model computing the same function as ``model``.
+
+    Dead units (see :func:`find_dead_units`) are removed together with their BatchNorm entries,
+    biases and the matching inputs of the following layer(s); repeated until nothing is dead.
+    ``example_inputs`` (a tensor, a tuple of tensors or a dict) is used for tracing and for the
+    final check: outputs in eval mode must match ``model`` to ``atol`` (relative to max(1,|y|))
+    on ``example_inputs`` and on random inputs of the same shapes. A removal that fails the
+    check is skipped with a warning. ``model`` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError("compact expects an nn.Module")
+    was_training = model.training
+    reference = copy.deepcopy(model).eval()
+    checks = [example_inputs, _random_like_inputs(example_inputs, 0), _random_like_inputs(example_inputs, 1)]
+    current = copy.deepcopy(model).eval()
+    refused: set[tuple[str, tuple[int, ...]]] = set()
+    for _ in range(max_rounds):
+        plan = [step for step in _plan(current, example_inputs) if (step[0], tuple(step[1])) not in refused]
+        if not plan:
+            break
+        candidate = copy.deepcopy(current)
+        _apply(candidate, example_inputs, plan)
+        candidate.eval()
+        if _max_output_diff(reference, candidate, checks) <= atol:
+            current = candidate
+            continue
+        # Something in the graph is not what the analysis assumed: apply groups one by one.
+        applied = False
+        for step in plan:
+            candidate = copy.deepcopy(current)
+            _apply(candidate, example_inputs, [step])
+            candidate.eval()
+            diff = _max_output_diff(reference, candidate, checks)
+            if diff <= atol:
+                current, applied = candidate, True
+            else:
+                refused.add((step[0], tuple(step[1])))
+                warnings.warn(
+                    f"compact: not removing {len(step[1])} unit(s) of {step[0]!r}: "
+                    f"outputs would change by {diff:.3g}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if not applied:
+            break
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in current.named_parameters():
+        p.requires_grad_(n not in frozen)
+    return current.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading compacted weights into a fresh architecture
+# --------------------------------------------------------------------------------------------
+
+
+def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module | None:
+    """A new module like ``m`` with the shapes found in ``sd``; None when unchanged."""
+    w = sd.get(f"{name}.weight")
+    dev, dt = (m.weight.device, m.weight.dtype) if getattr(m, "weight", None) is not None else (None, None)
+    if isinstance(m, nn.Linear):
+        if w is None or w.dim() != 2:
+            raise ModelFileError(f"state_dict lacks a 2-D '{name}.weight' for a Linear layer")
+        if tuple(w.shape) == tuple(m.weight.shape):
+            return None
+        return nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=dev, dtype=dt)
+    if isinstance(m, _CONV_TYPES):
+        if w is None or w.dim() != m.weight.dim():
+            raise ModelFileError(f"state_dict lacks a {m.weight.dim()}-D '{name}.weight' for a conv layer")
+        if tuple(w.shape) == tuple(m.weight.shape):
+            return None
+        if tuple(w.shape[2:]) != tuple(m.weight.shape[2:]):
+            raise ModelFileError(f"'{name}.weight' has kernel {tuple(w.shape[2:])}, the architecture {tuple(m.weight.shape[2:])}")
+        out_c = w.shape[0]
+        if _is_depthwise(m):
+            if w.shape[1] != 1:
+                raise ModelFileError(f"'{name}.weight' has shape {tuple(w.shape)}; a depthwise conv needs (C, 1, ...)")
+            groups, in_c = out_c, out_c
+        else:
+            groups, in_c = m.groups, w.shape[1] * m.groups
+            if out_c % groups:
+                raise ModelFileError(f"'{name}.weight' has {out_c} filters, not divisible by groups={groups}")
+        return type(m)(
+            in_c,
+            out_c,
+            kernel_size=m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=groups,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            device=dev,
+            dtype=dt,
+        )
+    if isinstance(m, _BN_TYPES):
+        ref = sd.get(f"{name}.running_mean", w)
+        if ref is None:
+            return None
+        if ref.dim() != 1:
+            raise ModelFileError(f"'{name}' BatchNorm tensors must be 1-D, got shape {tuple(ref.shape)}")
+        if ref.shape[0] == m.num_features:
+            return None
+        like = m.running_mean if m.running_mean is not None else m.weight
+        return type(m)(
+            ref.shape[0],
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=m.affine,
+            track_running_stats=m.track_running_stats,
+            device=like.device if like is not None else None,
+            dtype=like.dtype if like is not None else None,
+        )
+    return None
+
+
+def resize_to_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    example_inputs: Any = None,
+) -> nn.Module:
+    """A copy of ``model`` (a freshly built dense architecture) whose Conv/Linear/BatchNorm
+    layers have the shapes in ``state_dict`` (e.g. of a compacted model), loaded with it.
+
+    Layer types and hyper-parameters (kernel, stride, padding, eps, ...) are kept. With
+    ``example_inputs`` a forward pass checks that the shapes chain up. Missing/unexpected keys,
+    shape mismatches or a failing forward raise :class:`ModelFileError`.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError("resize_to_state_dict expects an nn.Module")
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UsageError("state_dict must map names to tensors")
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if not name:
+            continue
+        new = _resized(name, m, state_dict)
+        if new is None:
+            continue
+        new.train(m.training)
+        parent_name, _, attr = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, attr, new)
+    try:
+        out.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())
+        raise ModelFileError(f"state_dict does not fit the architecture: {first[:400]}") from None
+    if example_inputs is not None:
+        was = out.training
+        out.eval()
+        try:
+            with torch.no_grad():
+                _call(out, example_inputs)
+        except Exception as e:
+            msg = " ".join(str(e).split())
+            raise ModelFileError(f"state_dict shapes are inconsistent: forward pass fails: {msg[:300]}") from None
+        finally:
+            out.train(was)
+    return out
