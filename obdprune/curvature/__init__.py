@@ -1,0 +1,27 @@
+"""Diagonal curvature of the mean cross-entropy loss, per trainable parameter.
+
+Every function returns {name: tensor} keyed like ``model.named_parameters()`` (parameters with
+requires_grad only), tensors of the parameters' shapes, devices and dtypes. The model, its
+parameters, their ``.grad``, its mode and its hooks are left as they were.
+
+- :func:`diag_ggn`: generalized Gauss–Newton diagonal (= Fisher for cross-entropy), exact or MC.
+- :func:`diag_empirical_fisher`: mean squared per-sample gradient with the true labels (biased).
+- :func:`diag_hessian`: true Hessian diagonal, exact (small models) or Hutchinson.
+"""
+from obdprune.curvature.estimate import CURVATURE_KINDS, estimate_curvature
+from obdprune.curvature.fisher import diag_empirical_fisher
+from obdprune.curvature.ggn import GGN_METHODS, diag_ggn
+from obdprune.curvature.hessian import HESSIAN_METHODS, diag_hessian
+from obdprune.curvature.policy import NegativeCurvature, apply_negative_curvature_policy
+
+__all__ = [
+    "CURVATURE_KINDS",
+    "GGN_METHODS",
+    "HESSIAN_METHODS",
+    "NegativeCurvature",
+    "apply_negative_curvature_policy",
+    "diag_empirical_fisher",
+    "diag_ggn",
+    "diag_hessian",
+    "estimate_curvature",
+]
