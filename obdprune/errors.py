@@ -24,3 +24,25 @@ class ModelFileError(ObdpruneError):
 
 class TrainingDiverged(ObdpruneError):
     """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; raised at the next step boundary. Exit code 128 + signal number.
+
+    Not an ObdpruneError, so library code that handles user errors never swallows it.
+    """
+
+    def __init__(self, signum: int, hint: str = ""):
+        super().__init__(signum)
+        self.signum = signum
+        self.hint = hint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        import signal
+
+        name = signal.Signals(self.signum).name
+        return f"interrupted by {name} at a step boundary" + (f"; {self.hint}" if self.hint else "")
