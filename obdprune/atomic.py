@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -55,3 +57,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def new_sibling_folder(path: str | os.PathLike, tag: str = "partial") -> Path:
+    """Create a new, empty hidden folder ``.NAME.<random>.<tag>`` beside ``path`` (usual umask applies)."""
+    path = Path(path)
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{tag}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def atomic_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_folder)`` on a new hidden sibling folder, then move it onto ``folder``.
+
+    An existing ``folder`` is replaced only after the new one is complete; on any exception the temp
+    folder is removed and ``folder`` is left as it was. Callers decide whether ``folder`` may be replaced.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_sibling_folder(folder)
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        if folder.exists():
+            old = new_sibling_folder(folder)  # empty: renaming a folder onto it replaces it
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
+    return folder

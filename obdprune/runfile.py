@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import obdprune
-from obdprune.atomic import atomic_write, atomic_write_json
+from obdprune.atomic import atomic_folder, atomic_write, atomic_write_json
 from obdprune.errors import ModelFileError, UsageError
 from obdprune.masking import MaskSet, prunable_weights
 from obdprune.models import MODELS, build_model
 
-__all__ = ["save_run", "load_run", "LoadedRun", "PICKLE_SUFFIXES", "versions", "refuse_pickle"]
+__all__ = ["save_run", "load_run", "LoadedRun", "PICKLE_SUFFIXES", "versions", "refuse_pickle", "check_replaceable"]
 
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -51,16 +51,19 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def save_run(folder: str | Path, model: nn.Module, manifest: dict[str, Any], masks: MaskSet | None = None) -> Path:
-    """Write ``model`` (and ``masks``) with ``manifest`` into ``folder``; each file atomically.
+    """Write ``model`` (and ``masks``) with ``manifest`` as the run folder ``folder``, all or nothing.
 
-    The manifest must hold ``model`` = {name, input_shape, num_classes}; versions, mask summaries and
-    file hashes are added here. Returns the folder.
+    The files are written into a hidden sibling folder that replaces ``folder`` only when complete, so
+    a failure or a kill leaves either the previous run folder or none, never a partial one. The manifest
+    must hold ``model`` = {name, input_shape, num_classes}; versions, mask summaries and file hashes are
+    added here. Returns the folder.
     """
     folder = Path(folder)
+    check_replaceable(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create output folder {folder}: {e.strerror}") from None
+        raise UsageError(f"cannot create output folder {folder.parent}: {e.strerror}") from None
     manifest = dict(manifest)
     manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions()})
     if masks is not None:
@@ -69,16 +72,29 @@ def save_run(folder: str | Path, model: nn.Module, manifest: dict[str, Any], mas
         manifest["masks"] = None
     embedded = {k: v for k, v in manifest.items() if k != "files"}
     meta = {"format": FORMAT, "manifest": json.dumps(embedded, sort_keys=True)}
-    _save_tensors(folder / MODEL_FILE, model.state_dict(), meta)
-    files = {MODEL_FILE: _sha256(folder / MODEL_FILE)}
-    if masks is not None:
-        _save_tensors(folder / MASKS_FILE, masks.state_tensors(), {"format": FORMAT})
-        files[MASKS_FILE] = _sha256(folder / MASKS_FILE)
-    elif (folder / MASKS_FILE).exists():
-        (folder / MASKS_FILE).unlink()
-    manifest["files"] = files
-    atomic_write_json(folder / MANIFEST_FILE, manifest)
+
+    def write(tmp: Path) -> None:
+        _save_tensors(tmp / MODEL_FILE, model.state_dict(), meta)
+        files = {MODEL_FILE: _sha256(tmp / MODEL_FILE)}
+        if masks is not None:
+            _save_tensors(tmp / MASKS_FILE, masks.state_tensors(), {"format": FORMAT})
+            files[MASKS_FILE] = _sha256(tmp / MASKS_FILE)
+        manifest["files"] = files
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+
+    atomic_folder(folder, write)
     return folder
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to write a run folder over a file, or over a folder that is neither empty nor a run folder."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file; choose a folder path")
+    entries = list(folder.iterdir())
+    if entries and not ((folder / MANIFEST_FILE).exists() or (folder / MODEL_FILE).exists()):
+        raise UsageError(f"--out {folder} exists and is not an obdprune run folder; choose a new or empty folder")
 
 
 class LoadedRun:
