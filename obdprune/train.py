@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from obdprune.checkpoint import check_stop
 from obdprune.errors import TrainingDiverged, UsageError
 from obdprune.masking import MaskSet
 from obdprune.progress import progress_bar
@@ -127,6 +128,7 @@ def train(
             loss_sum, correct, seen = 0.0, 0, 0
             bar = progress_bar(total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg.epochs}", enabled=progress)
             for step in range(steps_per_epoch):
+                check_stop()  # SIGINT/SIGTERM: stop between steps, never inside one
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
                 logits = model(xb)
