@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from obdprune.checkpoint import RoundState, RoundStore
 from obdprune.curvature import NegativeCurvature, estimate_curvature
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.masking import MaskSet, Scope, prunable_weights, select_masks
@@ -206,6 +207,7 @@ def prune_model(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_round: Callable[[dict], None] | None = None,
+    checkpoint: RoundStore | None = None,
 ) -> list[PruneResult]:
     """Run one method's path on a copy of ``model`` (left unchanged) and return its results.
 
@@ -214,6 +216,7 @@ def prune_model(
     max_drop: percentage points of validation accuracy the result may lose against
       ``dense_val_accuracy``; the last round that held is returned as the max-drop result.
     Results hold CPU state_dicts and masks so callers can save the models.
+    checkpoint: saves the state after every round and, if it holds one, continues after its last round.
     """
     method = Method.parse(cfg.method)
     if not targets and max_drop is None:
@@ -242,14 +245,28 @@ def prune_model(
     curvature_seconds = 0.0
     results: list[PruneResult] = []
     held: PruneResult | None = None
-    failed = False
+    failed = stop = False
 
-    if cfg.reg_epochs:
+    def save_round(rnd: int) -> None:
+        if checkpoint is not None:
+            checkpoint.save(RoundState(rnd, model.state_dict(), masks, gen.get_state(), results, held, failed, stop,
+                                       curvature_seconds, time.perf_counter() - start))
+
+    done = 0
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        model.load_state_dict(resumed.model_state)
+        masks, results, held = resumed.masks.to(device), resumed.results, resumed.held
+        failed, stop, done = resumed.failed, resumed.stop, resumed.round
+        gen.set_state(resumed.generator_state)
+        curvature_seconds, start = resumed.curvature_seconds, start - resumed.seconds
+    elif cfg.reg_epochs:
         train(model, data.train.x, data.train.y,
               replace(cfg.finetune, epochs=cfg.reg_epochs, seed=cfg.seed * 1000),
               masks=masks, regularizer=reg, device=device, progress=progress, desc=f"{method.value} regularize")
+        save_round(0)
 
-    for rnd, target in enumerate(path, start=1):
+    for rnd, target in [] if stop else list(enumerate(path, start=1))[done:]:
         idx = torch.randperm(data.train.x.shape[0], generator=gen)[:n_curv]
         scores, secs = _saliency(method, model, cfg, data.train.x[idx], data.train.y[idx], device, gen)
         curvature_seconds += secs
@@ -282,7 +299,9 @@ def prune_model(
                 held = snapshot(max_drop=max_drop)
             else:
                 failed = True
-        if failed and target >= last_target:
+        stop = failed and target >= last_target
+        save_round(rnd)
+        if stop:
             break
     if max_drop is not None:
         if held is None:
