@@ -421,3 +421,76 @@ def test_output_check_catches_a_wrong_analysis(monkeypatch) -> None:
         c = compact(m, x)
     assert count_units(c) == {"0": 4, "2": 2, "3": 2}
     assert_parity(m, c, x)
+
+
+# ------------------------------------------------------------------------------ property test
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ACTIVATIONS = [nn.ReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.ReLU6, lambda: nn.Hardtanh(0.5, 2.0), nn.LeakyReLU]
+
+
+class RandomNet(nn.Module):
+    """conv-BN-act blocks (optionally residual), pooling, flatten, linear-act, linear."""
+
+    def __init__(self, gen: torch.Generator, acts: list[int], residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.stem, self.bn0 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6 * 3 * 3, 10)
+        self.fc2 = nn.Linear(10, 3)
+        self.acts = nn.ModuleList(ACTIVATIONS[i]() for i in acts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.acts[0](self.bn0(self.stem(x)))
+        y = self.acts[1](self.bn1(self.c1(x)))
+        y = self.bn2(self.c2(y))
+        x = self.acts[2](x + y if self.residual else y)
+        x = F.max_pool2d(x, 2).flatten(1)
+        return self.fc2(self.acts[3](self.fc1(x)))
+
+
+def zero_randomly(model: nn.Module, gen: torch.Generator) -> None:
+    def pick(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen) < 0.3
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                rows, cols = pick(m.weight.shape[0]), pick(m.weight.shape[1])
+                m.weight[rows] = 0
+                m.weight[:, cols] = 0
+                kind = torch.randint(0, 3, (1,), generator=gen).item()
+                m.bias[rows] = (0.0, -0.5, 0.5)[kind]
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=gen)
+                m.running_var.uniform_(0.5, 2, generator=gen)
+                g, b = pick(m.num_features), pick(m.num_features)
+                m.weight[g] = 0
+                m.bias[b] = 0
+                m.bias[g & ~b] = -0.25
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    acts=st.lists(st.integers(0, len(ACTIVATIONS) - 1), min_size=4, max_size=4),
+    residual=st.booleans(),
+)
+def test_random_zero_patterns_keep_outputs(seed: int, acts: list[int], residual: bool) -> None:
+    """Soundness: whatever is removed, outputs stay equal and the parity check never has to refuse."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = RandomNet(gen, acts, residual)
+    zero_randomly(m, gen)
+    x = torch.randn(2, 2, 6, 6, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = compact(m, x)
+    assert_parity(m, c, x, torch.randn(3, 2, 6, 6, generator=gen) * 3)
+    dead, before, after = find_dead_units(m, x), count_units(m), count_units(c)
+    for name, mask in dead.items():  # everything found is removed; a wholly dead group keeps one unit
+        assert after[name] == before[name] - int(mask.sum()) + int(bool(mask.all())), name
