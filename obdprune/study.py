@@ -12,15 +12,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
-from obdprune.errors import UsageError
+from obdprune.errors import DataError, ModelFileError, UsageError
 from obdprune.methods import Method, PruneConfig, PruneResult, measured_sparsity, prune_model
 from obdprune.models import build_model, model_spec
 from obdprune.report import write_study_outputs
-from obdprune.runfile import LoadedRun, save_run
+from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.train import TrainConfig, evaluate, train
 
-__all__ = ["DataSpec", "load_data", "train_dense", "prune_dense", "run_compare", "result_label"]
+__all__ = ["DataSpec", "load_data", "load_run_data", "train_dense", "prune_dense", "run_compare", "result_label"]
 
 
 class DataSpec(dict):
@@ -37,6 +38,22 @@ def load_data(spec: dict, data_dir: str | None = None) -> Dataset:
     """Load the dataset a DataSpec (or a manifest's ``dataset`` entry) describes; ``data_dir`` overrides."""
     return load_dataset(spec["name"], data_dir or spec.get("data_dir"), val_fraction=spec.get("val_fraction", 0.1),
                         train_limit=spec.get("train_limit"), test_limit=spec.get("test_limit"))
+
+
+def load_run_data(run: LoadedRun, data_dir: str | None = None) -> Dataset:
+    """Load the dataset a run was made with (``data_dir`` overrides its folder) and check that it fits the
+    run's model: same image shape and class count, else DataError."""
+    spec = run.manifest.get("dataset")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ModelFileError(f"{run.path}: the manifest does not say which dataset the run was made with")
+    data = load_data(spec, data_dir)
+    model = run.manifest["model"]
+    want, classes = tuple(int(s) for s in model["input_shape"]), int(model["num_classes"])
+    if tuple(data.input_shape) != want or data.num_classes != classes:
+        shape = "x".join(map(str, data.input_shape))
+        raise DataError(f"{data.source}: images are {shape} with {data.num_classes} classes, but the model of "
+                        f"{run.path} expects {'x'.join(map(str, want))} with {classes} classes")
+    return data
 
 
 def _dataset_entry(spec: dict, data: Dataset) -> dict:
@@ -85,8 +102,10 @@ def result_label(r: PruneResult) -> str:
 def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: PruneConfig, *,
                 targets: Sequence[float] = (), max_drop: float | None = None, device: str = "cpu",
                 progress: bool = True, out_dir: str | Path | None = None,
-                on_round: Callable[[dict], None] | None = None) -> list[dict]:
+                on_round: Callable[[dict], None] | None = None, checkpoint: RoundStore | None = None) -> list[dict]:
     """Prune a dense run with one method; save each result as a run folder under ``out_dir/<label>``.
+
+    ``checkpoint`` makes the pruning path resumable (see :func:`obdprune.methods.prune_model`).
 
     Returns the results as summary dicts (see :class:`obdprune.methods.PruneResult`), each with its
     ``path`` when saved.
@@ -94,7 +113,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
     model, manifest = (dense.model, dense.manifest) if isinstance(dense, LoadedRun) else dense
     dense_val = manifest["metrics"]["val_accuracy"]
     results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
-                          device=device, progress=progress, on_round=on_round)
+                          device=device, progress=progress, on_round=on_round, checkpoint=checkpoint)
     out = []
     for r in results:
         d = r.to_dict()
@@ -136,17 +155,28 @@ def run_compare(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    state: StudyState | None = None,
 ) -> dict[str, Any]:
     """Train the dense model once, run every method at every target from the same dense weights, and
-    write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``."""
+    write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``.
+
+    ``state`` records each finished stage (dense training, every pruning round, every method); stages it
+    already holds are skipped, so an interrupted study continues where it stopped."""
     if not targets and max_drop is None:
         raise UsageError("give --sparsity targets, --max-drop, or both")
     methods = [Method.parse(m).value for m in methods]
     out = Path(out)
-    log(f"training dense {model_name} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
-        f"{len(data.test)} test)")
-    dense_model, dense_manifest = train_dense(data, spec, model_name, train_cfg, device=device, progress=progress,
-                                              out=out / "dense")
+    if state is not None and state.done("dense"):
+        log(f"dense: finished earlier, loading {out / 'dense'}")
+        dense = load_run(out / "dense")
+        dense_model, dense_manifest = dense.model, dense.manifest
+    else:
+        log(f"training dense {model_name} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
+            f"{len(data.test)} test)")
+        dense_model, dense_manifest = train_dense(data, spec, model_name, train_cfg, device=device,
+                                                  progress=progress, out=out / "dense")
+        if state is not None:
+            state.finish("dense", str(out / "dense"))
     m = dense_manifest["metrics"]
     log(f"dense: test {100 * m['test_accuracy']:.2f}%, val {100 * m['val_accuracy']:.2f}%")
     summary: dict[str, Any] = {
@@ -163,14 +193,24 @@ def run_compare(
     }
     for method in methods:
         cfg = replace(prune_cfg, method=method)
-        log(f"pruning with {method}")
-        rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
-                         device=device, progress=progress, out_dir=out / "runs")
+        stage = f"prune:{method}"
+        rs = state.done(stage) if state is not None else None
+        if rs is not None:
+            log(f"{method}: finished earlier")
+        else:
+            log(f"pruning with {method}")
+            rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
+                             device=device, progress=progress, out_dir=out / "runs",
+                             checkpoint=state.rounds(stage) if state is not None else None)
         for r in rs:
             tag = f"max-drop {r['max_drop']}" if "max_drop" in r else f"target {r['target_sparsity']:.2f}"
             log(f"  {method} {tag}: sparsity {100 * r['sparsity']:.2f}%, test {100 * r['test_accuracy']:.2f}%, "
                 f"val {100 * r['val_accuracy']:.2f}%")
         summary["results"].extend(rs)
         write_study_outputs(out, summary)
+        if state is not None and state.done(stage) is None:
+            state.finish(stage, rs)
     write_study_outputs(out, summary)
+    if state is not None:
+        state.complete()
     return summary
