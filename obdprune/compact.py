@@ -132,6 +132,17 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     raise UsageError("example_inputs must be a tensor, a tuple/list of tensors or a dict of tensors")
 
 
+def _autograd_ready(example_inputs: Any) -> Any:
+    """Inputs usable by autograd tracing (inference-mode tensors are copied)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs.clone() if example_inputs.is_inference() else example_inputs
+    if isinstance(example_inputs, Mapping):
+        return {k: _autograd_ready(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (list, tuple)):
+        return type(example_inputs)(_autograd_ready(v) for v in example_inputs)
+    return example_inputs
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -195,10 +206,10 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
 
     for p in model.parameters():
         p.requires_grad_(True)
-    with torch.enable_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=forward_fn, verbose=False
+            model, example_inputs=_autograd_ready(example_inputs), forward_fn=forward_fn, verbose=False
         )
         outputs = [t for t in _flatten_tensors(kept["out"]) if t.grad_fn is not None]
         gf2node = {node.grad_fn: node for node in dg.module2node.values()}
@@ -215,8 +226,8 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
                         break
 
             handles.append(gf.register_prehook(pre))
-        if outputs:
-            params = [p for p in model.parameters()]
+        params = list(model.parameters())
+        if outputs and params:
             torch.autograd.grad(
                 outputs,
                 params,
@@ -621,6 +632,7 @@ def _find_dead(model: nn.Module, example_inputs: Any) -> tuple[dict[str, torch.T
     return result, groups, names
 
 
+@torch.inference_mode(False)  # copies made under inference mode could not be traced
 def find_dead_units(model: nn.Module, example_inputs: Any) -> dict[str, torch.Tensor]:
     """Dead output units of every Conv/Linear layer.
 
@@ -701,12 +713,15 @@ def _apply(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int
     """Remove the planned channels in place with Torch-Pruning."""
     was_training = model.training
     modules = dict(model.named_modules())
-    with warnings.catch_warnings(), torch.enable_grad():
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
         warnings.simplefilter("ignore")
         for p in model.parameters():
             p.requires_grad_(True)
         dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=_first_sample(example_inputs), forward_fn=lambda m, x: _call(m, x), verbose=False
+            model,
+            example_inputs=_autograd_ready(_first_sample(example_inputs)),
+            forward_fn=lambda m, x: _call(m, x),
+            verbose=False,
         )
         groups = []
         for name, idxs in plan:
@@ -717,6 +732,7 @@ def _apply(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int
     model.train(was_training)
 
 
+@torch.inference_mode(False)
 def compact(
     model: nn.Module,
     example_inputs: Any,
@@ -840,6 +856,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
     return None
 
 
+@torch.inference_mode(False)
 def resize_to_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

@@ -494,3 +494,15 @@ def test_random_zero_patterns_keep_outputs(seed: int, acts: list[int], residual:
     dead, before, after = find_dead_units(m, x), count_units(m), count_units(c)
     for name, mask in dead.items():  # everything found is removed; a wholly dead group keeps one unit
         assert after[name] == before[name] - int(mask.sum()) + int(bool(mask.all())), name
+
+
+def test_works_under_no_grad_and_inference_mode() -> None:
+    m = mlp()
+    with torch.inference_mode():
+        x = torch.randn(2, 20)
+        c = compact(m, x)
+        dead = find_dead_units(m, x)
+    assert not c[0].weight.is_inference() and c[0].weight.requires_grad
+    assert int(dead["0"].sum()) == 3
+    with torch.no_grad():
+        assert count_units(compact(m, torch.randn(2, 20))) == count_units(c)
