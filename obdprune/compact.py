@@ -23,12 +23,14 @@ residual sum, and the matching inputs of every layer that reads it):
    H*W consecutive inputs), each input position either has all-zero weights in the consumer or
    carries a value that is identically zero for every model input.
 
-"Identically zero" is propagated forward through the graph: a conv/linear output is zero when
-its bias is zero and every weight that meets a non-zero input is zero; a BatchNorm output is
-zero when its scale and shift are zero (or when its input is zero, the shift is zero and the
-scale or running mean is zero); ReLU, ELU, GELU, SiLU, tanh, pooling, ... keep zeros zero;
-Sigmoid, Softplus, adding a constant, ... do not. A sum of coupled channels is zero only when
-every summand is zero, so a channel dead in just one branch of a residual block is kept.
+"Identically zero" is decided by propagating per-channel constants forward through the graph:
+a conv/linear channel whose weights that meet non-zero inputs are all zero is the constant
+``bias``; a BatchNorm channel with zero scale is the constant ``shift`` (and zero when its input
+is zero and its shift and running mean are zero); ReLU / ReLU6 / Hardtanh clamp constants (so
+ReLU of a non-positive constant is zero); ELU, GELU, SiLU, tanh, pooling, ... keep zeros zero;
+Sigmoid, Softplus, adding a constant, ... do not, so such a unit is kept unless nothing reads
+it. A sum of coupled channels is zero only when every summand is zero, so a channel dead in
+just one branch of a residual block is kept.
 
 Removing dead units can make others dead (their only readers disappear); the analysis zeroes
 dead units in a scratch copy and repeats until nothing changes. :func:`compact` then checks
