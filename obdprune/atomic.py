@@ -83,19 +83,26 @@ def atomic_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> P
     try:
         write(tmp)
         _fsync_dir(tmp)
-        if folder.exists():
-            old = new_sibling_folder(folder)  # empty: renaming a folder onto it replaces it
-            os.replace(folder, old)
-            try:
-                os.replace(tmp, folder)
-            except BaseException:
-                os.replace(old, folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(folder.parent)
     return folder
+
+
+def replace_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the complete folder ``src`` onto ``dst`` (same file system); an existing ``dst`` is moved aside
+    first and deleted only once ``src`` is in its place."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = new_sibling_folder(dst)  # empty: renaming a folder onto it replaces it
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    _fsync_dir(dst.parent)

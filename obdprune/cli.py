@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from obdprune.errors import ObdpruneError, UsageError
+from obdprune.errors import Interrupted, ObdpruneError, UsageError
 
+RESUME_HELP = "continue an interrupted run (same arguments) after its last finished stage"
+STOPPABLE = ("train", "prune", "compare", "import-torch")  # SIGINT/SIGTERM stop these at a step boundary
 DEMO = dict(dataset="fashion-mnist", model="lenet5", epochs=6, sparsity=[0.76, 0.9, 0.95], finetune_epochs=1,
             reg_epochs=1, out="obdprune-demo")
 
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
     p.add_argument("--out", required=True, help="run folder (or folder of run folders for several targets)")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
 
     p = sub.add_parser("evaluate", help="accuracy and sparsity of a run folder or model file")
     p.add_argument("path")
@@ -173,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["magnitude", "l1", "obd", "hybrid"])
     _add_common(p, lr=0.05)
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+
+    p = sub.add_parser("import-torch", help="convert a trusted PyTorch state_dict file (.pt/.pth) into a run folder")
+    p.add_argument("file", help="file written by torch.save(model.state_dict(), FILE); read with weights_only=True")
+    p.add_argument("--model", required=True, help="the architecture the state_dict belongs to")
+    _add_data(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run folder to write")
 
     p = sub.add_parser("demo", help="a few-minute compare on Fashion-MNIST with lenet5")
     p.add_argument("--out", default=DEMO["out"])
@@ -258,13 +269,20 @@ def _check_out(path: str) -> Path:
 def cmd_train(args) -> int:
     from obdprune.study import DataSpec, load_data, train_dense
 
+    from obdprune.runfile import check_replaceable
+
     out = _check_out(args.out)
+    check_replaceable(out)
     cfg = _train_cfg(args)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit)
     data = load_data(spec)
-    _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
-                              progress=not args.no_progress, out=out)
+    try:
+        _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
+                                  progress=not args.no_progress, out=out)
+    except Interrupted as e:
+        e.hint = f"nothing was written to {out}"
+        raise
     m = manifest["metrics"]
     print(f"dense {args.model} on {data.name}: test accuracy {100 * m['test_accuracy']:.2f}%, "
           f"validation {100 * m['val_accuracy']:.2f}% → {out}")
@@ -272,31 +290,49 @@ def cmd_train(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    """Rounds are recorded in a hidden work folder beside --out; the output appears whole at the end."""
+    import shutil
+
+    from obdprune.atomic import replace_folder
+    from obdprune.checkpoint import StudyState, normalized_args
     from obdprune.report import write_summary
-    from obdprune.runfile import load_run
-    from obdprune.study import load_data, prune_dense
+    from obdprune.runfile import check_replaceable, load_run
+    from obdprune.study import load_run_data, prune_dense
 
     _need_target(args)
     out = _check_out(args.out)
+    if not (out / "summary.json").exists():
+        check_replaceable(out)
+    work = out.parent / f".{out.name}.work"
+    state = StudyState.open(work, "prune", normalized_args(args), resume=args.resume)
     cfg = _prune_cfg(args, args.method)
     run = load_run(args.run)
-    data = load_data(run.manifest["dataset"], args.data_dir)
+    data = load_run_data(run, args.data_dir)
     single = len(args.sparsity) + (args.max_drop is not None) == 1
-    results = prune_dense(run, data, cfg, targets=args.sparsity, max_drop=args.max_drop,
-                          device=_device(args.device), progress=not args.no_progress,
-                          out_dir=out.parent / f".{out.name}.parts" if single else out)
+    stage = f"prune:{cfg.method}"
+    results = state.done(stage)
+    if results is None:
+        try:
+            results = prune_dense(run, data, cfg, targets=args.sparsity, max_drop=args.max_drop,
+                                  device=_device(args.device), progress=not args.no_progress, out_dir=work / "runs",
+                                  checkpoint=state.rounds(stage))
+            state.finish(stage, results)
+        except Interrupted as e:
+            e.hint = f"finished rounds are saved in {work}; resume with the same command plus --resume"
+            raise
+    labels = [Path(r["path"]).name for r in results]
     if single:
-        import os as _os
-        import shutil
-
-        src = Path(results[0]["path"])
-        if out.exists():
-            shutil.rmtree(out)
-        _os.replace(src, out)
-        shutil.rmtree(src.parent, ignore_errors=True)
+        src = work / "runs" / labels[0]
         results[0]["path"] = str(out)
     else:
-        write_summary(out / "summary.json", {"dense": run.manifest["metrics"], "results": results})
+        src = work / "runs"
+        for r, label in zip(results, labels):
+            r["path"] = str(out / label)
+        if src.exists():
+            write_summary(src / "summary.json", {"dense": run.manifest["metrics"], "results": results})
+    if src.exists():  # else a killed earlier attempt already moved it
+        replace_folder(src, out)
+    shutil.rmtree(work, ignore_errors=True)
     for r in results:
         tag = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"target {r['target_sparsity']}"
         print(f"{r['method']} ({tag}): {100 * r['sparsity']:.2f}% of weights removed, "
@@ -308,11 +344,11 @@ def cmd_prune(args) -> int:
 def cmd_evaluate(args) -> int:
     from obdprune.methods import measured_sparsity
     from obdprune.runfile import load_run
-    from obdprune.study import load_data
+    from obdprune.study import load_run_data
     from obdprune.train import evaluate
 
     run = load_run(args.path)
-    data = load_data(run.manifest["dataset"], args.data_dir)
+    data = load_run_data(run, args.data_dir)
     device = _device(args.device)
     val_acc, _ = evaluate(run.model, data.val.x, data.val.y, device=device)
     test_acc, test_loss = evaluate(run.model, data.test.x, data.test.y, device=device)
@@ -329,16 +365,22 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from obdprune.checkpoint import StudyState, normalized_args
     from obdprune.study import DataSpec, load_data, run_compare
 
     _need_target(args)
     out = _check_out(args.out)
+    state = StudyState.open(out, "compare", normalized_args(args), resume=args.resume)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit)
     data = load_data(spec)
-    summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
-                          methods=args.methods, targets=args.sparsity, max_drop=args.max_drop, out=out,
-                          device=_device(args.device), progress=not args.no_progress)
+    try:
+        summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
+                              methods=args.methods, targets=args.sparsity, max_drop=args.max_drop, out=out,
+                              device=_device(args.device), progress=not args.no_progress, state=state)
+    except Interrupted as e:
+        e.hint = f"finished stages are saved in {out}; resume with the same command plus --resume"
+        raise
     print(f"wrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'accuracy_vs_sparsity.png'}")
     del summary
     return 0
@@ -359,8 +401,31 @@ def cmd_demo(args) -> int:
         argv += ["--train-limit", str(args.train_limit)]
     if args.test_limit:
         argv += ["--test-limit", str(args.test_limit)]
+    if (Path(args.out) / "state.json").exists():  # a rerun continues (or just reprints) the earlier demo
+        argv.append("--resume")
     print("obdprune demo: " + " ".join(argv))
     return main(argv)
+
+
+def cmd_import_torch(args) -> int:
+    from obdprune.importer import import_torch, read_state_dict
+    from obdprune.models import MODELS
+    from obdprune.runfile import check_replaceable
+    from obdprune.study import DataSpec, load_data
+
+    if args.model not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
+    out = _check_out(args.out)
+    check_replaceable(out)
+    sd = read_state_dict(args.file)
+    spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
+                         train_limit=args.train_limit, test_limit=args.test_limit)
+    data = load_data(spec)
+    manifest = import_torch(sd, args.file, args.model, data, spec, out=out, device=_device(args.device))
+    m = manifest["metrics"]
+    print(f"imported {args.file} as {args.model} on {data.name}: test accuracy {100 * m['test_accuracy']:.2f}%, "
+          f"validation {100 * m['val_accuracy']:.2f}% → {out}")
+    return 0
 
 
 def cmd_data(args) -> int:
@@ -373,16 +438,36 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "demo": cmd_demo, "data": cmd_data}
+            "demo": cmd_demo, "import-torch": cmd_import_torch, "data": cmd_data}
+
+
+def _one_line(text: str) -> str:
+    """Escape every character that would break a message into several lines."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from obdprune.checkpoint import deterministic, stop_on_signals
+
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if any("\0" in a for a in argv):
+            raise UsageError("arguments must not contain NUL characters")
         args = build_parser().parse_args(argv)
         _threads(args)
-        return COMMANDS[args.command](args)
+        if args.command not in STOPPABLE:
+            return COMMANDS[args.command](args)
+        deterministic()
+        with stop_on_signals():
+            return COMMANDS[args.command](args)
     except ObdpruneError as e:
-        print(f"obdprune: error: {e}", file=sys.stderr)
+        print(f"obdprune: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"obdprune: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("obdprune: interrupted", file=sys.stderr)
