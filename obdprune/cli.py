@@ -320,6 +320,9 @@ def cmd_prune(args) -> int:
         except Interrupted as e:
             e.hint = f"finished rounds are saved in {work}; resume with the same command plus --resume"
             raise
+        except ObdpruneError:
+            shutil.rmtree(work, ignore_errors=True)  # a resume would fail the same way: leave nothing behind
+            raise
     labels = [Path(r["path"]).name for r in results]
     if single:
         src = work / "runs" / labels[0]
