@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +36,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file")
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the one error line says enough
+            warnings.simplefilter("ignore")
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise ModelFileError(
