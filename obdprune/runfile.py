@@ -164,11 +164,14 @@ def load_run(path: str | Path, *, verify_hashes: bool = True) -> LoadedRun:
         raise ModelFileError(f"{manifest_path or model_path}: not an obdprune manifest (format must be {FORMAT!r})")
     if verify_hashes and manifest_path is not None and isinstance(manifest.get("files"), dict):
         for fname, digest in manifest["files"].items():
+            if fname not in (MODEL_FILE, MASKS_FILE) or not isinstance(digest, str):
+                raise ModelFileError(f"{manifest_path}: 'files' may only record sha256 strings of {MODEL_FILE} and "
+                                     f"{MASKS_FILE}, found {fname!r}")
             fpath = folder / fname
             if fpath.exists() and _sha256(fpath) != digest:
                 raise ModelFileError(f"{fpath} does not match the sha256 recorded in {manifest_path}; it was modified")
 
-    model = _build_from_manifest(manifest, model_path)
+    model = _build_from_manifest(manifest, model_path, tensors)
     _load_state(model, tensors, model_path)
     masks = None
     if manifest.get("masks"):
@@ -182,21 +185,28 @@ def refuse_any_pickle_in(folder: Path) -> None:
             refuse_pickle(p)
 
 
-def _build_from_manifest(manifest: dict, where: Path) -> nn.Module:
+def _build_from_manifest(manifest: dict, where: Path, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Build the manifest's model; its shapes are checked against ``tensors`` on the meta device first, so
+    a tampered manifest cannot make us allocate more than the file itself holds."""
     spec = manifest.get("model")
     if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
         raise ModelFileError(f"{where}: manifest 'model' must hold name, input_shape and num_classes")
-    if spec["name"] not in MODELS:
+    if not isinstance(spec["name"], str) or spec["name"] not in MODELS:
         raise ModelFileError(f"{where}: unknown model {spec['name']!r} in manifest; known: {', '.join(MODELS)}")
     try:
+        if not isinstance(spec["input_shape"], list) or isinstance(spec["num_classes"], (bool, float)):
+            raise TypeError("input_shape must be a list and num_classes an integer")
         shape = tuple(int(s) for s in spec["input_shape"])
-        return build_model(spec["name"], shape, int(spec["num_classes"]))
-    except (TypeError, ValueError, UsageError) as e:
+        classes = int(spec["num_classes"])
+        with torch.device("meta"):
+            skeleton = build_model(spec["name"], shape, classes)
+    except (TypeError, ValueError, OverflowError, RuntimeError, UsageError) as e:
         raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
+    _check_names_and_shapes(skeleton.state_dict(), tensors, where)
+    return build_model(spec["name"], shape, classes)
 
 
-def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    expected = model.state_dict()
+def _check_names_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -204,6 +214,14 @@ def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path)
     for k, v in expected.items():
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise ModelFileError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, model expects {tuple(v.shape)}")
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    _check_names_and_shapes(expected, tensors, where)
+    for k, v in expected.items():
+        if v.is_floating_point() and not tensors[k].is_floating_point():
+            raise ModelFileError(f"{where}: tensor {k!r} has dtype {tensors[k].dtype}, model expects floating point")
         if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
             raise ModelFileError(f"{where}: tensor {k!r} contains NaN or inf")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
@@ -222,6 +240,8 @@ def _load_masks(path: Path, summary: Any, model: nn.Module) -> MaskSet:
     for name, t in tensors.items():
         if name not in weights:
             raise ModelFileError(f"{path}: mask for {name!r}, which is not a Conv2d/Linear weight of the model")
+        if not isinstance(summary[name], dict):
+            raise ModelFileError(f"{path}: manifest entry for mask {name!r} must hold its shape and kept count")
         w = weights[name]
         if tuple(t.shape) != tuple(w.shape) or list(t.shape) != list(summary[name].get("shape", [])):
             raise ModelFileError(f"{path}: mask {name!r} has shape {tuple(t.shape)}, weight has {tuple(w.shape)}")
