@@ -85,14 +85,41 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return v
+
+
+def _threads_count(text: str) -> int:
+    v = _positive_int(text)
+    if v > 1024:
+        raise argparse.ArgumentTypeError(f"must be at most 1024, got {text}")
+    return v
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and sampling")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for initialization, shuffling and sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     if lr is not None:
         p.add_argument("--lr", type=_positive_float, default=lr, help=f"learning rate (default: {lr})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads_count, default=None, help="torch CPU threads")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -122,7 +149,7 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--max-drop", type=_points, default=None, metavar="PP",
                    help="remove as much as possible while validation accuracy stays within PP points of dense")
     p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer")
-    p.add_argument("--layer-floor", type=float, default=0.01, help="every layer keeps at least this fraction")
+    p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights goes per round")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
@@ -189,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEMO["out"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--threads", type=_threads_count, default=None)
     p.add_argument("--train-limit", type=_positive_int, default=None, help="try it on a subset of the training set")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="try it on a subset of the test set")
 
@@ -445,8 +472,8 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "c
 
 
 def _one_line(text: str) -> str:
-    """Escape every character that would break a message into several lines."""
-    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+    """Escape every character that would break a message into several lines, or could not be printed."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS or "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
