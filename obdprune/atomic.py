@@ -96,7 +96,11 @@ def replace_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     src, dst = Path(src), Path(dst)
     if dst.exists():
         old = new_sibling_folder(dst)  # empty: renaming a folder onto it replaces it
-        os.replace(dst, old)
+        try:
+            os.replace(dst, old)
+        except BaseException:
+            old.rmdir()
+            raise
         try:
             os.replace(src, dst)
         except BaseException:
