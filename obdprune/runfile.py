@@ -171,8 +171,11 @@ def load_run(path: str | Path, *, verify_hashes: bool = True) -> LoadedRun:
             if fpath.exists() and _sha256(fpath) != digest:
                 raise ModelFileError(f"{fpath} does not match the sha256 recorded in {manifest_path}; it was modified")
 
-    model = _build_from_manifest(manifest, model_path, tensors)
-    _load_state(model, tensors, model_path)
+    if manifest.get("compacted") is True:
+        model = _build_compacted(manifest, model_path, tensors)
+    else:
+        model = _build_from_manifest(manifest, model_path, tensors)
+        _load_state(model, tensors, model_path)
     masks = None
     if manifest.get("masks"):
         masks = _load_masks(folder / MASKS_FILE, manifest["masks"], model)
@@ -204,6 +207,25 @@ def _build_from_manifest(manifest: dict, where: Path, tensors: dict[str, torch.T
         raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
     _check_names_and_shapes(skeleton.state_dict(), tensors, where)
     return build_model(spec["name"], shape, classes)
+
+
+def _build_compacted(manifest: dict, where: Path, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A compacted model: the manifest's architecture with its layers resized to the stored shapes."""
+    from obdprune.compact import resize_to_state_dict
+
+    spec = manifest.get("model") or {}
+    try:
+        shape = tuple(int(s) for s in spec["input_shape"])
+        dense = build_model(spec["name"], shape, int(spec["num_classes"]))
+    except (KeyError, TypeError, ValueError, UsageError) as e:
+        raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelFileError(f"{where}: tensor {k!r} contains NaN or inf")
+    try:
+        return resize_to_state_dict(dense, tensors, example_inputs=torch.zeros(1, *shape))
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
 
 
 def _check_names_and_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: Path) -> None:
