@@ -241,8 +241,7 @@ class StudyState:
         return self.folder / STATE_FILE
 
     @classmethod
-    def open(cls, folder: str | Path, command: str, args: dict, *, resume: bool,
-             what: str = "the output folder") -> "StudyState":
+    def open(cls, folder: str | Path, command: str, args: dict, *, resume: bool) -> "StudyState":
         """Start a fresh record, or continue the one in ``folder`` (``resume``) if the arguments match.
 
         Without ``resume``, a folder holding a record is refused: finished work is never overwritten.
