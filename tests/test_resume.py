@@ -25,6 +25,19 @@ COMPARE = ["compare", "--dataset", "digits", "--model", "lenet300", "--epochs", 
 TIMING = {"seconds", "curvature_seconds", "path"}
 
 
+def _knows(command: str, flag: str) -> bool:
+    import argparse
+
+    from obdprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return any(flag in a.option_strings for a in sub.choices[command]._actions)
+
+
+if _knows("compare", "--no-measure"):  # latency measurements are neither fast nor reproducible
+    COMPARE.append("--no-measure")
+
+
 def _comparable(summary: dict) -> dict:
     s = json.loads(json.dumps(summary))
     s["dense"] = {k: v for k, v in s["dense"].items() if k not in TIMING}
