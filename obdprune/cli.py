@@ -153,10 +153,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights goes per round")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
-    p.add_argument("--finetune-lr", type=_positive_float, default=0.01)
+    p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
-    p.add_argument("--l1-lambda", type=_nonneg_float, default=5e-4, help="L1 strength λ")
+    p.add_argument("--l1-lambda", type=_nonneg_float, default=2e-3, help="L1 strength λ")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
     p.add_argument("--curvature-samples", type=_positive_int, default=1024,
@@ -204,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, lr=0.05)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip compaction, ONNX export and side-by-side latency of every result")
+    p.add_argument("--measure-repeats", type=_positive_int, default=30, help="timing repeats per model")
+
+    p = sub.add_parser("export", help="write a run as checked ONNX, safetensors run folder or sparse file")
+    p.add_argument("run", help="run folder or model.safetensors")
+    p.add_argument("--format", required=True, choices=["onnx", "safetensors", "sparse"])
+    p.add_argument("--compact", action="store_true", help="physically remove dead units first")
+    p.add_argument("--out", required=True, help="file (onnx, sparse) or folder (safetensors) to write")
+    p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
+    p.add_argument("--check-samples", type=_positive_int, default=256, help="test images the export is verified on")
+
+    p = sub.add_parser("bench", help="size, MACs and latency of a run's compacted model next to its dense architecture")
+    p.add_argument("run", help="run folder or model.safetensors")
+    p.add_argument("--repeats", type=_positive_int, default=30)
+    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 256])
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("import-torch", help="convert a trusted PyTorch state_dict file (.pt/.pth) into a run folder")
     p.add_argument("file", help="file written by torch.save(model.state_dict(), FILE); read with weights_only=True")
@@ -407,7 +425,8 @@ def cmd_compare(args) -> int:
     try:
         summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
                               methods=args.methods, targets=args.sparsity, max_drop=args.max_drop, out=out,
-                              device=_device(args.device), progress=not args.no_progress, state=state)
+                              device=_device(args.device), progress=not args.no_progress, state=state,
+                              measure=not args.no_measure, measure_repeats=args.measure_repeats)
     except Interrupted as e:
         e.hint = f"finished stages are saved in {out}; resume with the same command plus --resume"
         raise
@@ -467,8 +486,44 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from obdprune.deploy import export_run
+    from obdprune.runfile import load_run
+    from obdprune.study import load_run_data
+
+    run = load_run(args.run)
+    data = load_run_data(run, args.data_dir)
+    info = export_run(run, args.format, _check_out(args.out), check_inputs=data.test.x[: args.check_samples],
+                      compact_model=args.compact)
+    extra = f", max |onnxruntime - torch| = {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
+    print(f"wrote {info['path']} ({info['bytes']:,} bytes, {args.format}{', compacted' if args.compact else ''}{extra})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from obdprune.deploy import measure_models, speed_table
+    from obdprune.models import build_model
+    from obdprune.runfile import load_run
+
+    run = load_run(args.run)
+    spec = run.manifest["model"]
+    shape = tuple(spec["input_shape"])
+    torch.manual_seed(0)
+    dense = build_model(spec["name"], shape, spec["num_classes"])  # same architecture, no zeros
+    check = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
+    m = measure_models({"dense": dense, "run": run.model}, shape, check_inputs=check, batch_sizes=args.batch_sizes,
+                       repeats=args.repeats, threads=args.threads)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(speed_table(m))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "demo": cmd_demo, "import-torch": cmd_import_torch, "data": cmd_data}
+            "demo": cmd_demo, "export": cmd_export, "bench": cmd_bench, "import-torch": cmd_import_torch, "data": cmd_data}
 
 
 def _one_line(text: str) -> str:

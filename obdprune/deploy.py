@@ -128,3 +128,27 @@ def export_run(run: LoadedRun, fmt: str, out: str | Path, *, check_inputs: torch
         return {"format": "safetensors", "path": str(out),
                 "bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
     raise UsageError(f"unknown export format {fmt!r}; choose one of: onnx, safetensors, sparse")
+
+
+def measure_study(summary: dict[str, Any], dense_model: nn.Module, check_inputs: torch.Tensor, out: str | Path, *,
+                  repeats: int = 30, threads: int = 1, batch_sizes: Sequence[int] = (1, 256)) -> dict[str, Any]:
+    """Add size, MAC and latency fields to ``summary['dense']`` and every result (loaded from its run
+    folder), measured side by side; compacted ONNX files go to ``out/onnx/<label>.onnx``."""
+    from obdprune.runfile import load_run
+
+    models: dict[str, nn.Module] = {"dense": dense_model}
+    labels = []
+    for r in summary["results"]:
+        label = Path(r["path"]).name
+        labels.append(label)
+        models[label] = load_run(r["path"]).model
+    shape = tuple(check_inputs.shape[1:])
+    m = measure_models(models, shape, check_inputs=check_inputs, onnx_dir=Path(out) / "onnx",
+                       batch_sizes=batch_sizes, repeats=repeats, threads=threads)
+    summary["dense"].update(m["dense"])
+    accuracies = {"dense": summary["dense"]["test_accuracy"]}
+    for r, label in zip(summary["results"], labels):
+        r.update(m[label])
+        accuracies[label] = r["test_accuracy"]
+    summary["speed_table"] = speed_table(m, accuracies=accuracies)
+    return summary

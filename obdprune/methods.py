@@ -26,9 +26,11 @@ from torch import nn
 from obdprune.checkpoint import RoundState, RoundStore
 from obdprune.curvature import NegativeCurvature, estimate_curvature
 from obdprune.errors import ObdpruneError, UsageError
+from obdprune.groups import (Granularity, UnitLayer, group_parameters, max_unit_sparsity, select_unit_masks,
+                             total_prunable_weights, unit_groups)
 from obdprune.masking import MaskSet, Scope, prunable_weights, select_masks
-from obdprune.regularize import L1Mode, NoRegularizer, Regularizer, make_l1
-from obdprune.saliency import magnitude_saliency, obd_saliency
+from obdprune.regularize import L1Mode, NoRegularizer, Regularizer, make_regularizer
+from obdprune.saliency import group_magnitude_saliency, group_saliency, magnitude_saliency, obd_saliency
 from obdprune.train import TrainConfig, evaluate, train
 
 __all__ = ["Method", "PruneConfig", "PruneResult", "sparsity_path", "prune_model", "measured_sparsity"]
@@ -68,18 +70,20 @@ class PruneConfig:
     layer_floor: float = 0.01
     prune_step: float = 0.6
     reg_epochs: int = 2
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, schedule="cosine"))
-    l1_lambda: float = 5e-4
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.03, schedule="cosine"))
+    l1_lambda: float = 2e-3
     l1_mode: str = "proximal"
     curvature: str = "exact"
     curvature_samples: int = 1024
     negative_curvature: str = "clamp"
     max_sparsity: float = 0.99
     seed: int = 0
+    granularity: str = "element"
 
     def __post_init__(self) -> None:
         Method.parse(self.method)
         Scope.parse(self.scope)
+        Granularity.parse(self.granularity)
         L1Mode.parse(self.l1_mode)
         NegativeCurvature.parse(self.negative_curvature)
         if self.curvature not in CURVATURE_KINDS:
@@ -174,15 +178,30 @@ def max_feasible_sparsity(model: nn.Module, layer_floor: float, scope: str = "gl
     return math.floor((1.0 - sum(floors) / sum(sizes)) * 1e6) / 1e6
 
 
-def _regularizer(method: Method, cfg: PruneConfig) -> Regularizer:
-    return make_l1(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
+def _regularizer(method: Method, cfg: PruneConfig, groups: list[UnitLayer] | None = None) -> Regularizer:
+    """L1 on every weight, or group lasso on the unit ``groups`` (channel granularity), for l1/hybrid."""
+    if not method.regularized:
+        return NoRegularizer()
+    return make_regularizer("l1" if groups is None else "group-lasso", cfg.l1_lambda, cfg.l1_mode, groups)
+
+
+def _select(scores: dict, target: float, cfg: PruneConfig, current: MaskSet, model: nn.Module,
+            groups: list[UnitLayer] | None) -> MaskSet:
+    """Element masks from per-weight scores, or unit masks from per-unit scores (``groups`` given)."""
+    if groups is None:
+        return select_masks(scores, target, scope=cfg.scope, current=current, layer_floor=cfg.layer_floor)
+    return select_unit_masks(scores, groups, target, total_weights=total_prunable_weights(model), scope=cfg.scope,
+                             current=current, layer_floor=cfg.layer_floor)
 
 
 def _saliency(method: Method, model: nn.Module, cfg: PruneConfig, x_curv: torch.Tensor, y_curv: torch.Tensor,
-              device: torch.device, generator: torch.Generator) -> tuple[dict, float]:
-    weights = prunable_weights(model)
+              device: torch.device, generator: torch.Generator,
+              groups: list[UnitLayer] | None = None) -> tuple[dict, float]:
+    """Scores per weight ({weight name: like the weight}), or per unit ({layer: (units,)}) when ``groups``
+    are given (summed over each unit's weights, bias and BatchNorm parameters), and curvature seconds."""
+    weights = prunable_weights(model) if groups is None else group_parameters(model, groups)
     if not method.second_order:
-        return magnitude_saliency(weights), 0.0
+        return (magnitude_saliency(weights) if groups is None else group_magnitude_saliency(weights, groups)), 0.0
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -193,7 +212,8 @@ def _saliency(method: Method, model: nn.Module, cfg: PruneConfig, x_curv: torch.
     for name in weights:
         if not torch.isfinite(curv[name]).all():
             raise ObdpruneError(f"curvature of {name!r} contains NaN or inf; the model may have diverged")
-    return obd_saliency(weights, {n: curv[n] for n in weights}, cfg.negative_curvature), seconds
+    scores = obd_saliency(weights, {n: curv[n] for n in weights}, cfg.negative_curvature)
+    return (scores if groups is None else group_saliency(scores, groups)), seconds
 
 
 def prune_model(
@@ -227,7 +247,14 @@ def prune_model(
     model = copy.deepcopy(model).to(device)
     if dense_val_accuracy is None:
         dense_val_accuracy, _ = evaluate(model, data.val.x, data.val.y, device=device)
-    limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
+    groups = None
+    if Granularity.parse(cfg.granularity) is Granularity.CHANNEL:
+        groups = unit_groups(model, data.train.x[:1].to(device))
+        if not groups:
+            raise UsageError("--granularity channel: no Conv/Linear layer of this model has units that can be removed")
+        limit = max_unit_sparsity(groups, total_prunable_weights(model), cfg.layer_floor, cfg.scope)
+    else:
+        limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
     too_far = [t for t in targets if t > limit]
     if too_far:
         raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with --layer-floor {cfg.layer_floor} "
@@ -236,7 +263,7 @@ def prune_model(
                          max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
     target_set = {round(t, 12) for t in targets}
     last_target = max(targets) if targets else 0.0
-    reg = _regularizer(method, cfg)
+    reg = _regularizer(method, cfg, groups)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_curv = min(cfg.curvature_samples if cfg.curvature in ("exact", "empirical-fisher") else 1024,
                  data.train.x.shape[0])
@@ -268,9 +295,9 @@ def prune_model(
 
     for rnd, target in [] if stop else list(enumerate(path, start=1))[done:]:
         idx = torch.randperm(data.train.x.shape[0], generator=gen)[:n_curv]
-        scores, secs = _saliency(method, model, cfg, data.train.x[idx], data.train.y[idx], device, gen)
+        scores, secs = _saliency(method, model, cfg, data.train.x[idx], data.train.y[idx], device, gen, groups)
         curvature_seconds += secs
-        masks = select_masks(scores, target, scope=cfg.scope, current=masks, layer_floor=cfg.layer_floor)
+        masks = _select(scores, target, cfg, masks, model, groups)
         masks.apply(model)
         train(model, data.train.x, data.train.y, replace(cfg.finetune, seed=cfg.seed * 1000 + rnd),
               masks=masks, regularizer=reg, device=device, progress=progress,

@@ -48,9 +48,9 @@ def render_report(summary: dict[str, Any]) -> str:
             f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× | "
             f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
             f"{r.get('curvature_seconds', 0.0):.1f} |")
-    extra = summary.get("measurements")
+    extra = summary.get("speed_table")
     if extra:
-        lines += ["", "## Size and speed", "", extra]
+        lines += ["", "## Size and speed (compacted models; ratios to dense)", "", extra]
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
     return "\n".join(lines)
 

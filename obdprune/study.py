@@ -156,6 +156,8 @@ def run_compare(
     progress: bool = True,
     log: Callable[[str], None] = print,
     state: StudyState | None = None,
+    measure: bool = False,
+    measure_repeats: int = 30,
 ) -> dict[str, Any]:
     """Train the dense model once, run every method at every target from the same dense weights, and
     write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``.
@@ -210,6 +212,11 @@ def run_compare(
         write_study_outputs(out, summary)
         if state is not None and state.done(stage) is None:
             state.finish(stage, rs)
+    if measure and summary["results"]:
+        from obdprune.deploy import measure_study
+
+        log("measuring: compaction, checked ONNX export, sizes, latency side by side (1 thread)")
+        measure_study(summary, dense_model, data.test.x[:256], out, repeats=measure_repeats)
     write_study_outputs(out, summary)
     if state is not None:
         state.complete()
