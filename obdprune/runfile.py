@@ -265,7 +265,7 @@ def _load_masks(path: Path, summary: Any, model: nn.Module) -> MaskSet:
         if not isinstance(summary[name], dict):
             raise ModelFileError(f"{path}: manifest entry for mask {name!r} must hold its shape and kept count")
         w = weights[name]
-        if tuple(t.shape) != tuple(w.shape) or list(t.shape) != list(summary[name].get("shape", [])):
+        if tuple(t.shape) != tuple(w.shape) or list(t.shape) != summary[name].get("shape"):
             raise ModelFileError(f"{path}: mask {name!r} has shape {tuple(t.shape)}, weight has {tuple(w.shape)}")
         if t.is_floating_point() or not bool(((t == 0) | (t == 1)).all()):
             raise ModelFileError(f"{path}: mask {name!r} holds values other than 0 and 1")
