@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from obdprune.curvature._layers import HANDLERS, LayerSquares
 from obdprune.errors import UsageError
 
+
 @dataclass
 class Site:
     """One parametrized module: where its per-sample gradients come from."""

@@ -55,12 +55,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def sample_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """Random draws happen where the generator lives, then move to ``device``."""
     return generator.device if generator is not None else device

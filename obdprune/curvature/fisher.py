@@ -26,6 +26,8 @@ def diag_empirical_fisher(
 ) -> dict[str, Tensor]:
     """(1/N) sum_n (∇_θ CE_n)**2 over ``inputs`` (N, ...) and true labels ``targets`` (N,).
 
+    ``batch_size`` bounds the samples per chunk (None: automatic), as in :func:`diag_ggn`.
+
     Returns {parameter name: tensor of the parameter's shape} for parameters with requires_grad.
     """
     check_batch(inputs, targets)

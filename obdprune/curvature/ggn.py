@@ -33,7 +33,8 @@ def diag_ggn(
     ``method="exact"`` backpropagates C−1 columns per sample (a factor S_n of H_n, S_n S_nᵀ = H_n);
     ``method="mc"`` backpropagates ``mc_samples`` columns (e_y − p_n)/√mc_samples with y ~ p_n, an
     unbiased estimate. The targets do not enter the GGN of cross-entropy; they are only checked.
-    ``batch_size`` bounds memory (results independent of it up to rounding).
+    ``batch_size`` bounds the samples per forward/backward chunk (None: chunks sized automatically,
+    about 4 MiB of layer outputs each); results do not depend on it beyond rounding, for "mc" too.
     Returns {parameter name: tensor of the parameter's shape} for parameters with requires_grad.
     """
     check_batch(inputs, targets)

@@ -44,7 +44,9 @@ def diag_hessian(
     """Diagonal of the Hessian of the mean CE loss over ``inputs`` (N, ...), ``targets`` (N,).
 
     ``method="exact"`` costs one Hessian-vector product per parameter entry (small models only);
-    ``method="hutchinson"`` averages z ⊙ Hz over ``samples`` Rademacher probes z (unbiased).
+    ``method="hutchinson"`` averages z ⊙ Hz over ``samples`` Rademacher probes z (unbiased), drawn
+    from ``generator``. ``batch_size`` bounds the samples per chunk (None: all at once); probes are
+    shared across chunks, so results do not depend on it beyond rounding.
     Returns {parameter name: tensor of the parameter's shape} for parameters with requires_grad.
     """
     n_total = check_batch(inputs, targets)
