@@ -20,7 +20,7 @@ from torch import nn
 import obdprune
 from obdprune.atomic import atomic_folder, atomic_write, atomic_write_json
 from obdprune.errors import ModelFileError, UsageError
-from obdprune.masking import MaskSet, prunable_weights
+from obdprune.masking import MaskSet
 from obdprune.models import MODELS, build_model
 
 __all__ = ["save_run", "load_run", "LoadedRun", "PICKLE_SUFFIXES", "versions", "refuse_pickle", "check_replaceable"]
@@ -255,18 +255,19 @@ def _load_masks(path: Path, summary: Any, model: nn.Module) -> MaskSet:
     if not isinstance(summary, dict):
         raise ModelFileError(f"{path}: manifest 'masks' must map parameter names to shapes and counts")
     tensors, _ = _read_tensors(path)
-    weights = prunable_weights(model)
+    weights = dict(model.named_parameters())  # channel pruning masks biases and BatchNorm parameters too
     masks = {}
     if set(tensors) != set(summary):
         raise ModelFileError(f"{path}: mask names differ from the manifest's")
     for name, t in tensors.items():
         if name not in weights:
-            raise ModelFileError(f"{path}: mask for {name!r}, which is not a Conv2d/Linear weight of the model")
+            raise ModelFileError(f"{path}: mask for {name!r}, which is not a parameter of the model")
         if not isinstance(summary[name], dict):
             raise ModelFileError(f"{path}: manifest entry for mask {name!r} must hold its shape and kept count")
         w = weights[name]
         if tuple(t.shape) != tuple(w.shape) or list(t.shape) != summary[name].get("shape"):
-            raise ModelFileError(f"{path}: mask {name!r} has shape {tuple(t.shape)}, weight has {tuple(w.shape)}")
+            raise ModelFileError(f"{path}: mask {name!r} has shape {tuple(t.shape)}, weight has {tuple(w.shape)}, "
+                                 f"manifest records {summary[name].get('shape')!r}")
         if t.is_floating_point() or not bool(((t == 0) | (t == 1)).all()):
             raise ModelFileError(f"{path}: mask {name!r} holds values other than 0 and 1")
         m = t != 0
