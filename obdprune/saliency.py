@@ -3,16 +3,25 @@
 - magnitude: |w| (Han et al. 2015).
 - OBD: s_k = ½·h_kk·w_k² (LeCun, Denker & Solla 1990), the loss increase a diagonal quadratic model
   predicts when w_k is set to zero; h_kk from :mod:`obdprune.curvature`.
+
+Structured (per output unit, see :mod:`obdprune.groups`): a unit's score is the sum of its group's
+entry scores, so it is again an additive cost of removing the unit:
+
+- group OBD: S_g = Σ_{k∈g} ½·h_kk·w_k² over the unit's weights, bias and BatchNorm scale and shift,
+  the diagonal model's loss increase when the whole group is zeroed;
+- group magnitude: S_g = ‖w_g‖₂² = Σ_{k∈g} w_k², the squared L2 norm of the same group (it ranks
+  units as ‖w_g‖₂ does and is group OBD with h ≡ 2; L2 matches the group-lasso penalty ‖w_g‖₂).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from obdprune.curvature import NegativeCurvature, apply_negative_curvature_policy
+from obdprune.groups import UnitLayer
 
-__all__ = ["magnitude_saliency", "obd_saliency"]
+__all__ = ["magnitude_saliency", "obd_saliency", "group_saliency", "group_magnitude_saliency"]
 
 
 def magnitude_saliency(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,3 +49,30 @@ def obd_saliency(
             raise FloatingPointError(f"curvature of {name!r} contains NaN or inf")
         out[name] = 0.5 * apply_negative_curvature_policy(h, policy) * w.detach() ** 2
     return out
+
+
+def group_saliency(element_scores: Mapping[str, torch.Tensor], groups: Sequence[UnitLayer]) -> dict[str, torch.Tensor]:
+    """Per-unit sums of entry scores: ``{layer: (units,)}`` with S[i] = Σ_p Σ element_scores[p][i].
+
+    element_scores: {parameter name: scores of the parameter's shape} for every member of every group
+      (e.g. :func:`obd_saliency` over the weights, biases and BatchNorm parameters).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for g in groups:
+        missing = [p for p in g.params if p not in element_scores]
+        if missing:
+            raise ValueError(f"no scores for {', '.join(map(repr, missing))} (members of {g.layer!r}'s units)")
+        total = None
+        for p in g.params:
+            s = element_scores[p].detach()
+            if s.shape[0] != g.units:
+                raise ValueError(f"scores of {p!r} have {s.shape[0]} rows, {g.layer!r} has {g.units} units")
+            row = s.reshape(g.units, -1).sum(dim=1)
+            total = row if total is None else total + row.to(total.device)
+        out[g.layer] = total
+    return out
+
+
+def group_magnitude_saliency(params: Mapping[str, torch.Tensor], groups: Sequence[UnitLayer]) -> dict[str, torch.Tensor]:
+    """Squared L2 norm of each unit's group: ``{layer: (units,)}``, S[i] = Σ_p ‖params[p][i]‖₂²."""
+    return group_saliency({n: w.detach() ** 2 for n, w in params.items()}, groups)
