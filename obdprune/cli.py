@@ -149,6 +149,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--max-drop", type=_points, default=None, metavar="PP",
                    help="remove as much as possible while validation accuracy stays within PP points of dense")
     p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer")
+    p.add_argument("--granularity", default="element",
+                   help="element (single weights) or channel (whole filters/neurons with their bias and BatchNorm; "
+                        "group lasso for l1/hybrid)")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights goes per round")
@@ -156,7 +159,7 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
-    p.add_argument("--l1-lambda", type=_nonneg_float, default=2e-3, help="L1 strength λ")
+    p.add_argument("--l1-lambda", type=_nonneg_float, default=2e-3, help="L1 (group-lasso for channel) strength λ")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
     p.add_argument("--curvature-samples", type=_positive_int, default=1024,
@@ -287,7 +290,8 @@ def _prune_cfg(args, method: str):
     return PruneConfig(method=method, scope=args.scope, layer_floor=args.layer_floor, prune_step=args.prune_step,
                        reg_epochs=args.reg_epochs, finetune=ft, l1_lambda=args.l1_lambda, l1_mode=args.l1_mode,
                        curvature=args.curvature, curvature_samples=args.curvature_samples,
-                       negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed)
+                       negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
+                       granularity=args.granularity)
 
 
 def _need_target(args) -> None:
