@@ -250,3 +250,28 @@ def test_channel_pruning_removes_whole_units_and_compacts_exactly(method, model_
     assert {n: before[n] - after[n] for n in before if n in gone} == gone
     with torch.no_grad():
         assert torch.allclose(small(x), model(x), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_prune_channel_then_evaluate_loads_bias_masks(tmp_path, capsys):
+    import json
+
+    from obdprune.cli import main
+
+    dense, out = tmp_path / "dense", tmp_path / "pruned"
+    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--out", str(dense),
+                 "--no-progress"]) == 0
+    assert main(["prune", str(dense), "--method", "hybrid", "--granularity", "channel", "--sparsity", "0.5",
+                 "--finetune-epochs", "1", "--reg-epochs", "1", "--curvature-samples", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["prune"]["granularity"] == "channel" and "0.bias" in m["masks"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(m["metrics"]["sparsity"])
+    assert main(["prune", str(dense), "--method", "obd", "--granularity", "filter", "--sparsity", "0.5",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "obdprune: error: unknown granularity 'filter'; choose one of: element, channel"
