@@ -591,9 +591,12 @@ def _zero_dead(dg: tp.DependencyGraph, group: _Group) -> None:
 
 
 def _first_sample(example_inputs: Any) -> Any:
-    """Batch of one for tracing (the analysis does not depend on the batch size)."""
+    """Batch of one for tracing (the analysis does not depend on the batch size), in the default memory
+    format: a (N, 1, H, W) slice can have strides that also read as channels_last, and then reshapes
+    after pooling trace as as_strided, which the analysis (rightly) refuses to see through."""
     if isinstance(example_inputs, torch.Tensor):
-        return example_inputs[:1] if example_inputs.dim() > 0 and example_inputs.shape[0] > 1 else example_inputs
+        x = example_inputs[:1] if example_inputs.dim() > 0 and example_inputs.shape[0] > 1 else example_inputs
+        return x.clone(memory_format=torch.contiguous_format)
     if isinstance(example_inputs, Mapping):
         return {k: _first_sample(v) for k, v in example_inputs.items()}
     if isinstance(example_inputs, (list, tuple)):
