@@ -506,3 +506,19 @@ def test_works_under_no_grad_and_inference_mode() -> None:
     assert int(dead["0"].sum()) == 3
     with torch.no_grad():
         assert count_units(compact(m, torch.randn(2, 20))) == count_units(c)
+
+
+def test_compaction_does_not_depend_on_input_strides():
+    """A (N, 1, H, W) slice whose strides also read as channels_last must compact like a contiguous one."""
+    from obdprune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vgg-small", (1, 8, 8), 10).eval()
+    last_bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        last_bn.weight[:7] = 0
+        last_bn.bias[:7] = 0
+    plain = torch.randn(4, 1, 8, 8)
+    odd = torch.randn(8, 8, 4, 1).permute(2, 3, 0, 1)
+    sizes = {sum(p.numel() for p in compact(model, x).parameters()) for x in (plain, odd)}
+    assert len(sizes) == 1 and sizes.pop() < sum(p.numel() for p in model.parameters())
