@@ -176,7 +176,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method after one warm-up")
     parser.add_argument("--hutchinson-samples", type=int, default=10, help="Rademacher probes for Hutchinson")
     parser.add_argument("--slow-budget", type=float, default=4.0,
-                        help="seconds per method for the timed repeats of slow methods (fewer repeats)")
+                        help="seconds per method for the timed repeats: slower methods get fewer repeats")
+    parser.add_argument("--tp-max-n", type=int, default=256,
+                        help="largest N for Torch-Pruning's per-sample loop (its cost grows like N²)")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
@@ -199,6 +201,10 @@ def main() -> None:
             fns, notes, reps = {}, {}, {}
             for method in METHODS:
                 notes[method] = f"{args.hutchinson_samples} probes; " if method == "obdprune hutchinson" else ""
+                if method.startswith("torch-pruning") and n > args.tp_max_n:
+                    notes[method] = (f"not run above N={args.tp_max_n} (--tp-max-n): its per-sample loop "
+                                     "backpropagates through the retained full-batch graph once per sample, O(N²)")
+                    continue
                 try:
                     fns[method] = make_method(method, model, x, y, args.hutchinson_samples)
                     start = time.perf_counter()
@@ -228,7 +234,7 @@ def main() -> None:
                         notes[method] += f"{reps[method]} repeat(s)"
                 else:
                     med_wall = med_cpu = None
-                memory = None if args.no_memory else measure_memory(model_name, n, method, args.threads,
+                memory = None if args.no_memory or method not in fns else measure_memory(model_name, n, method, args.threads,
                                                                      args.hutchinson_samples)
                 row = (model_name, n, method, med_wall, None if med_wall is None else med_wall / base_wall,
                        med_cpu, None if med_cpu is None else med_cpu / base_cpu, memory, notes[method].strip("; "))
