@@ -1,7 +1,6 @@
 """Resume and determinism: killed or interrupted runs continue to the same masks and metrics as
 uninterrupted ones; the same seed gives the same results; resuming with other arguments is refused."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def test_same_seed_same_masks_and_metrics(baseline, tmp_path):
 def _start(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "obdprune", *COMPARE, "--threads", "1", "--out", str(out), *(
         ["--resume"] if (out / "state.json").exists() else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
