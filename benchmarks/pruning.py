@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def run_one(model: str, seed: int, args, extra: list[str]) -> Path:
            "--threads", "1", *extra]
     if args.max_drop is not None:
         cmd += ["--max-drop", str(args.max_drop)]
+    if (out / "state.json").exists():  # an earlier, interrupted or finished, compare in this folder
+        if args.force:
+            shutil.rmtree(out)
+        else:
+            cmd.append("--resume")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out.parent / f"seed{seed}.log", "w") as log:
