@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
-from obdprune.errors import ModelFileError, ObdpruneError, UsageError
+from obdprune.errors import ModelFileError, UsageError
 
 __all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
 

@@ -16,7 +16,6 @@ The group's outgoing weights (the next layer's input slice) stay as they are: th
 from __future__ import annotations
 
 import copy
-import enum
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 
 # the autograd ops compact() knows to map a zero channel to zero
 from obdprune.compact import _REDUCE_OPS, _UNARY_OPS, _norm_dims
+from obdprune.choices import Choice
 from obdprune.errors import UsageError
 from obdprune.masking import PRUNABLE_TYPES, MaskSet, Scope, prunable_weights
 
@@ -37,19 +37,11 @@ __all__ = [
 ]
 
 
-class Granularity(str, enum.Enum):
+class Granularity(Choice):
     """What pruning removes: single weights (``element``) or whole output units (``channel``)."""
 
     ELEMENT = "element"
     CHANNEL = "channel"
-
-    @classmethod
-    def parse(cls, value: "str | Granularity") -> "Granularity":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(
-                f"unknown granularity {value!r}; choose one of: {', '.join(g.value for g in cls)}") from None
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ Masks alone make a model neither faster nor smaller: :func:`obdprune.compact.com
 """
 from __future__ import annotations
 
-import enum
 import math
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from obdprune.choices import Choice
 from obdprune.errors import UsageError
 
 __all__ = [
@@ -22,18 +22,11 @@ __all__ = [
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
-class Scope(str, enum.Enum):
+class Scope(Choice):
     """Where the sparsity target applies: across all layers at once, or to each layer alike."""
 
     GLOBAL = "global"
     LAYER = "layer"
-
-    @classmethod
-    def parse(cls, value: "str | Scope") -> "Scope":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(f"unknown scope {value!r}; choose one of: {', '.join(s.value for s in cls)}") from None
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -14,7 +14,6 @@ round whose validation accuracy stayed within the allowed drop. Test accuracy is
 from __future__ import annotations
 
 import copy
-import enum
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +24,7 @@ from torch import nn
 
 from obdprune.checkpoint import RoundState, RoundStore
 from obdprune.curvature import NegativeCurvature, estimate_curvature
+from obdprune.choices import Choice
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.groups import (Granularity, UnitLayer, group_parameters, max_unit_sparsity, select_unit_masks,
                              total_prunable_weights, unit_groups)
@@ -36,18 +36,13 @@ from obdprune.train import TrainConfig, evaluate, train
 __all__ = ["Method", "PruneConfig", "PruneResult", "sparsity_path", "prune_model", "measured_sparsity"]
 
 
-class Method(str, enum.Enum):
+class Method(Choice):
+    """The pruning methods compared by ``compare``."""
+
     MAGNITUDE = "magnitude"
     L1 = "l1"
     OBD = "obd"
     HYBRID = "hybrid"
-
-    @classmethod
-    def parse(cls, value: "str | Method") -> "Method":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(f"unknown method {value!r}; choose one of: {', '.join(m.value for m in cls)}") from None
 
     @property
     def regularized(self) -> bool:

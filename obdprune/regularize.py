@@ -12,13 +12,13 @@ step sets whole groups exactly to zero. The √|g| weight makes λ comparable wi
 """
 from __future__ import annotations
 
-import enum
 import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from obdprune.choices import Choice
 from obdprune.errors import UsageError
 from obdprune.groups import UnitLayer
 from obdprune.masking import prunable_weights
@@ -83,16 +83,15 @@ class L1Proximal(Regularizer):
         return {"name": self.name, "lambda": self.lam}
 
 
-class L1Mode(str, enum.Enum):
+class L1Mode(Choice):
+    """L1 as a loss term (subgradient) or as a soft-threshold after each step (exact zeros)."""
+
     PENALTY = "penalty"
     PROXIMAL = "proximal"
 
     @classmethod
-    def parse(cls, value: "str | L1Mode") -> "L1Mode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UsageError(f"unknown L1 mode {value!r}; choose one of: {', '.join(m.value for m in cls)}") from None
+    def label(cls) -> str:
+        return "L1 mode"
 
 
 def make_l1(lam: float, mode: L1Mode | str) -> Regularizer:

@@ -1,7 +1,6 @@
 """Training and evaluation loops on in-memory tensors, with masks enforced and a regularizer hook."""
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -11,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from obdprune.checkpoint import check_stop
+from obdprune.choices import Choice
 from obdprune.errors import TrainingDiverged, UsageError
 from obdprune.masking import MaskSet
 from obdprune.progress import progress_bar
@@ -19,23 +19,24 @@ from obdprune.regularize import NoRegularizer, Regularizer
 __all__ = ["TrainConfig", "train", "evaluate", "seed_everything"]
 
 
-class OptimizerName(str, enum.Enum):
+class OptimizerName(Choice):
     SGD = "sgd"
     ADAM = "adam"
     ADAMW = "adamw"
 
+    @classmethod
+    def label(cls) -> str:
+        return "optimizer"
 
-class ScheduleName(str, enum.Enum):
+
+class ScheduleName(Choice):
     ONECYCLE = "onecycle"
     COSINE = "cosine"
     CONSTANT = "constant"
 
-
-def _parse(enum_cls, value, what: str):
-    try:
-        return enum_cls(value)
-    except ValueError:
-        raise UsageError(f"unknown {what} {value!r}; choose one of: {', '.join(e.value for e in enum_cls)}") from None
+    @classmethod
+    def label(cls) -> str:
+        return "schedule"
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _parse(OptimizerName, self.optimizer, "optimizer")
-        _parse(ScheduleName, self.schedule, "schedule")
+        OptimizerName.parse(self.optimizer)
+        ScheduleName.parse(self.schedule)
         if self.epochs < 0:
             raise UsageError(f"epochs must be >= 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -461,7 +461,7 @@ def test_estimate_curvature_dispatches():
 def test_negative_curvature_policy():
     assert NegativeCurvature.parse("CLAMP") is NegativeCurvature.CLAMP
     assert NegativeCurvature.parse(NegativeCurvature.ABS) is NegativeCurvature.ABS
-    with pytest.raises(UsageError, match="valid: clamp, abs, keep") as err:
+    with pytest.raises(UsageError, match="choose one of: clamp, abs, keep") as err:
         NegativeCurvature.parse("zero")
     assert "\n" not in str(err.value)
     h = torch.tensor([-2.0, 0.0, 3.0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import nn
 
 from obdprune.errors import UsageError

@@ -1,0 +1,28 @@
+"""String-valued options (method, scope, granularity, ...) parsed once at the boundary."""
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from obdprune.errors import UsageError
+
+C = TypeVar("C", bound="Choice")
+
+
+class Choice(str, enum.Enum):
+    """An option with a fixed set of string values; ``parse`` turns a typo into one line listing them."""
+
+    @classmethod
+    def label(cls) -> str:
+        """What the option is called in error messages."""
+        return cls.__name__.lower()
+
+    @classmethod
+    def parse(cls: type[C], value: "str | C") -> C:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise UsageError(f"unknown {cls.label()} {value!r}; choose one of: "
+                             f"{', '.join(c.value for c in cls)}") from None
