@@ -95,7 +95,7 @@ class MaskSet:
         params = dict(model.named_parameters())
         for name, m in self.masks.items():
             p = params[name]
-            p.mul_(m.to(device=p.device, dtype=p.dtype))
+            p.masked_fill_(~m.to(p.device), 0.0)  # +0.0, never -0.0, so sparse files see real zeros
 
     @torch.no_grad()
     def mask_grads(self, model: nn.Module) -> None:

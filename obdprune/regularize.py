@@ -77,7 +77,8 @@ class L1Proximal(Regularizer):
     def after_step(self, model: nn.Module, lr: float) -> None:
         t = lr * self.lam
         for p in prunable_weights(model).values():
-            p.copy_(torch.sign(p) * torch.clamp(p.abs() - t, min=0.0))
+            shrunk = p - t * torch.sign(p)
+            p.copy_(torch.where(p.abs() > t, shrunk, torch.zeros_like(p)))  # exact +0.0 below the threshold
 
     def describe(self) -> dict:
         return {"name": self.name, "lambda": self.lam}
@@ -153,6 +154,7 @@ class GroupLassoProximal(Regularizer):
             factor = torch.where(norm > threshold, 1.0 - threshold / norm.clamp_min(threshold), torch.zeros_like(norm))
             for r in rows:
                 r.mul_(factor.to(r.dtype).unsqueeze(1))
+                r.masked_fill_(factor.unsqueeze(1).expand_as(r) == 0, 0.0)  # +0.0, not -0.0
 
     def describe(self) -> dict:
         return {"name": self.name, "lambda": self.lam, "layers": [g.layer for g in self.groups]}

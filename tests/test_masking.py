@@ -160,3 +160,19 @@ def test_deepcopy_and_state_dict_keep_masks_and_outputs():
         assert torch.equal(back[n], masks[n])
     assert set(model.state_dict()) == set(_net().state_dict())  # no *_orig / *_mask entries
     assert math.isclose(masks.sparsity(), 0.6, abs_tol=1 / masks.numel())
+
+
+def test_pruned_and_thresholded_weights_are_positive_zero():
+    """-0.0 is bitwise nonzero: sparse files would store it. Masks and L1 must leave +0.0."""
+    from obdprune.regularize import L1Proximal
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, 0.5, -0.01, 2.0]] * 3))
+    MaskSet({"0.weight": torch.tensor([[False, True, True, True]] * 3)}).apply(model)
+    L1Proximal(lam=1.0).after_step(model, lr=0.1)  # threshold 0.1 zeroes -0.01
+    w = model[0].weight
+    zeros = w == 0
+    assert zeros[:, 0].all() and zeros[:, 2].all()
+    assert not torch.signbit(w[zeros]).any()
+    assert torch.allclose(w[:, 1], torch.full((3,), 0.4)) and torch.allclose(w[:, 3], torch.full((3,), 1.9))
