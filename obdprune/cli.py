@@ -162,7 +162,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
     p.add_argument("--curvature-samples", type=_positive_int, default=1024,
-                   help="training samples for exact/empirical-Fisher curvature; MC label samples or Hutchinson probes otherwise")
+                   help="training images the curvature is computed on (a fresh random draw every round)")
+    p.add_argument("--curvature-draws", type=_positive_int, default=None,
+                   help="MC label draws per image (default 1) or Hutchinson probes (default 100)")
     p.add_argument("--negative-curvature", default="clamp", help="clamp, abs or keep (for Hessian estimates)")
     p.add_argument("--max-sparsity", type=_fraction_open, default=0.99, help="how far --max-drop searches")
 
@@ -289,6 +291,7 @@ def _prune_cfg(args, method: str):
     return PruneConfig(method=method, scope=args.scope, layer_floor=args.layer_floor, prune_step=args.prune_step,
                        reg_epochs=args.reg_epochs, finetune=ft, l1_lambda=args.l1_lambda, l1_mode=args.l1_mode,
                        curvature=args.curvature, curvature_samples=args.curvature_samples,
+                       curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
                        granularity=args.granularity)
 

@@ -70,6 +70,7 @@ class PruneConfig:
     l1_mode: str = "proximal"
     curvature: str = "exact"
     curvature_samples: int = 1024
+    curvature_draws: int | None = None
     negative_curvature: str = "clamp"
     max_sparsity: float = 0.99
     seed: int = 0
@@ -91,6 +92,8 @@ class PruneConfig:
             raise UsageError(f"regularization epochs must be >= 0, got {self.reg_epochs}")
         if self.curvature_samples < 1:
             raise UsageError(f"curvature samples must be >= 1, got {self.curvature_samples}")
+        if self.curvature_draws is not None and self.curvature_draws < 1:
+            raise UsageError(f"curvature draws must be >= 1, got {self.curvature_draws}")
         if not (self.l1_lambda >= 0 and math.isfinite(self.l1_lambda)):
             raise UsageError(f"L1 strength must be a number >= 0, got {self.l1_lambda}")
 
@@ -201,7 +204,7 @@ def _saliency(method: Method, model: nn.Module, cfg: PruneConfig, x_curv: torch.
     model.eval()
     t0 = time.perf_counter()
     curv = estimate_curvature(cfg.curvature, model, x_curv.to(device), y_curv.to(device),
-                              samples=cfg.curvature_samples, batch_size=256, generator=generator)
+                              samples=cfg.curvature_draws, generator=generator)
     seconds = time.perf_counter() - t0
     model.train(was_training)
     for name in weights:
@@ -260,8 +263,7 @@ def prune_model(
     last_target = max(targets) if targets else 0.0
     reg = _regularizer(method, cfg, groups)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_curv = min(cfg.curvature_samples if cfg.curvature in ("exact", "empirical-fisher") else 1024,
-                 data.train.x.shape[0])
+    n_curv = min(cfg.curvature_samples, data.train.x.shape[0])
     masks = MaskSet.dense(model)
     start = time.perf_counter()
     curvature_seconds = 0.0
