@@ -540,8 +540,16 @@ def _one_line(text: str) -> str:
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"obdprune: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     from obdprune.checkpoint import deterministic, stop_on_signals
+
+    warnings.formatwarning = _one_line_warning
 
     try:
         argv = sys.argv[1:] if argv is None else list(argv)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -28,7 +29,7 @@ from obdprune.choices import Choice
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.groups import (Granularity, UnitLayer, group_parameters, max_unit_sparsity, select_unit_masks,
                              total_prunable_weights, unit_groups)
-from obdprune.masking import MaskSet, Scope, prunable_weights, select_masks
+from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights, select_masks
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer, make_regularizer
 from obdprune.saliency import group_magnitude_saliency, group_saliency, magnitude_saliency, obd_saliency
 from obdprune.train import TrainConfig, evaluate, train
@@ -242,6 +243,7 @@ def prune_model(
     if max_drop is not None and not (0.0 <= max_drop <= 100.0):
         raise UsageError(f"--max-drop is in percentage points and must be in [0, 100], got {max_drop}")
     device = torch.device(device)
+    dense_model = model
     model = copy.deepcopy(model).to(device)
     if dense_val_accuracy is None:
         dense_val_accuracy, _ = evaluate(model, data.val.x, data.val.y, device=device)
@@ -329,8 +331,24 @@ def prune_model(
             break
     if max_drop is not None:
         if held is None:
-            raise ObdpruneError(
-                f"{method.value}: no pruning round kept validation accuracy within {max_drop} points of the "
-                f"dense model ({dense_val_accuracy:.4f}); try a larger --max-drop or more fine-tuning epochs")
+            held = _unpruned_result(dense_model, data, method, max_drop, device, time.perf_counter() - start,
+                                    curvature_seconds)
+            warnings.warn(f"{method.value}: no pruning round kept validation accuracy within {max_drop} points of "
+                          f"the dense model; the max-drop result is the dense model itself (sparsity 0)",
+                          RuntimeWarning, stacklevel=2)
         results.append(held)
     return results
+
+
+def _unpruned_result(dense: nn.Module, data, method: Method, max_drop: float, device: torch.device,
+                     seconds: float, curvature_seconds: float) -> PruneResult:
+    """Round 0 of a path: the dense weights, the step that always holds a max-drop budget."""
+    model = copy.deepcopy(dense).to(device)
+    val_acc, _ = evaluate(model, data.val.x, data.val.y, device=device)
+    test_acc, _ = evaluate(model, data.test.x, data.test.y, device=device)
+    sparsity, nonzero, total = measured_sparsity(model)
+    return PruneResult(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
+                       val_accuracy=val_acc, test_accuracy=test_acc, seconds=seconds,
+                       curvature_seconds=curvature_seconds, round=0, max_drop=max_drop,
+                       state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                       masks=masks_from_weights(model))

@@ -82,3 +82,20 @@ def test_max_drop_chooses_on_validation_not_test(digits, dense_digits, monkeypat
 def test_targets_that_empty_a_layer_are_refused_before_training(digits, dense_digits):
     with pytest.raises(UsageError, match="empty a layer"):
         prune_model(dense_digits, digits, _cfg("magnitude", layer_floor=0.5), targets=[0.9], progress=False)
+
+
+def test_max_drop_with_no_round_holding_returns_the_dense_model(digits, dense_digits, monkeypatch):
+    val_seq = iter([0.5] * 20)
+
+    def fake_evaluate(model, x, y, **kw):
+        return (next(val_seq), 0.0) if x is digits.val.x else (0.42, 0.0)
+
+    monkeypatch.setattr(methods_mod, "evaluate", fake_evaluate)
+    with pytest.warns(RuntimeWarning, match="dense model itself"):
+        (res,) = prune_model(dense_digits, digits, _cfg("magnitude", max_sparsity=0.9), max_drop=0.1,
+                             dense_val_accuracy=0.99, progress=False)
+    assert res.round == 0 and res.sparsity == 0.0 and res.max_drop == 0.1
+    model = build_model("lenet300", digits.input_shape, digits.num_classes)
+    model.load_state_dict(res.state_dict)
+    for k, v in dense_digits.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
