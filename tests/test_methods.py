@@ -99,3 +99,15 @@ def test_max_drop_with_no_round_holding_returns_the_dense_model(digits, dense_di
     model.load_state_dict(res.state_dict)
     for k, v in dense_digits.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["magnitude", "hybrid"])
+def test_prune_model_on_cuda(method, digits, dense_digits):
+    results = prune_model(dense_digits, digits, _cfg(method), targets=[0.5], device="cuda", progress=False)
+    (r,) = results
+    assert all(v.device.type == "cpu" for v in r.state_dict.values())
+    model = build_model("lenet300", digits.input_shape, digits.num_classes)
+    model.load_state_dict(r.state_dict)
+    assert measured_sparsity(model)[0] >= 0.5
