@@ -176,3 +176,50 @@ def test_pruned_and_thresholded_weights_are_positive_zero():
     assert zeros[:, 0].all() and zeros[:, 2].all()
     assert not torch.signbit(w[zeros]).any()
     assert torch.allclose(w[:, 1], torch.full((3,), 0.4)) and torch.allclose(w[:, 3], torch.full((3,), 1.9))
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps, lr, wd: torch.optim.SGD(ps, lr=lr, weight_decay=wd),
+    "momentum": lambda ps, lr, wd: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd),
+    "adam": lambda ps, lr, wd: torch.optim.Adam(ps, lr=lr, weight_decay=wd),
+    "adamw": lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    opt_name=st.sampled_from(sorted(OPTIMIZERS)),
+    steps=st.integers(1, 25),
+    lr=st.floats(1e-4, 0.5),
+    wd=st.floats(0.0, 0.1),
+    sparsity=st.floats(0.05, 0.95),
+    warm_steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_pruned_weights_stay_zero_and_round_trips_keep_them(opt_name, steps, lr, wd, sparsity, warm_steps,
+                                                                      seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 5, (8,))
+    opt = OPTIMIZERS[opt_name](list(model.parameters()), lr, wd)
+    for _ in range(warm_steps):  # optimizer state from before pruning must not revive weights
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    masks = select_masks({n: torch.rand(p.shape) for n, p in prunable_weights(model).items()}, sparsity,
+                         layer_floor=0.0)
+    masks.attach(opt, model)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, p in prunable_weights(model).items():
+            assert bool((p[~masks[name]] == 0).all())
+    clone = copy.deepcopy(model)
+    fresh = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    fresh.load_state_dict(model.state_dict())
+    for other in (clone, fresh):
+        assert torch.equal(other(x), model(x))
+        back = masks_from_weights(other)
+        for name in masks:
+            assert not bool((back[name] & ~masks[name]).any())  # nothing pruned came back
