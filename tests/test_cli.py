@@ -124,3 +124,26 @@ def test_data_download_error_is_one_line(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "404" in err
+
+
+def test_export_and_bench_commands(dense_run, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(dense_run), "--method", "magnitude", "--sparsity", "0.9", "--out", str(pruned),
+                 *FAST_PRUNE]) == 0
+    assert main(["export", str(pruned), "--format", "onnx", "--compact", "--out", str(tmp_path / "m.onnx"),
+                 "--check-samples", "64"]) == 0
+    assert "max |onnxruntime - torch|" in capsys.readouterr().out
+    assert main(["export", str(pruned), "--format", "sparse", "--out", str(tmp_path / "m.sparse")]) == 0
+    assert (tmp_path / "m.sparse").stat().st_size < (pruned / "model.safetensors").stat().st_size
+    assert main(["export", str(pruned), "--format", "safetensors", "--compact", "--out", str(tmp_path / "small")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "small"), "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(pruned), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert small["test_accuracy"] == pytest.approx(full["test_accuracy"])
+    assert small["weights"] < full["weights"]
+    assert main(["bench", str(pruned), "--repeats", "2", "--batch-sizes", "1", "2", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["run"]["weights_after_compaction"] <= m["dense"]["weights_after_compaction"]
+    assert m["run"]["latency_ms"]["onnxruntime"]["2"] > 0
