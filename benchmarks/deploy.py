@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import obdprune.measure  # noqa: E402
 import tp_peer  # noqa: E402
-from obdprune.compact import compact  # noqa: E402
+from obdprune.compact import compact, resize_to_state_dict  # noqa: E402
 from obdprune.deploy import measure_models  # noqa: E402
 from obdprune.export import encode_sparse  # noqa: E402
 from obdprune.measure import measure_side_by_side  # noqa: E402
@@ -132,7 +133,7 @@ def peer_config(importance: str, seed: int, args: argparse.Namespace) -> tp_peer
 
 def run_tp(dense_run: Any, data: Any, importance: str, seed: int, folder: Path,
            args: argparse.Namespace) -> Path | None:
-    """Torch-Pruning peer into folder/tp/tp-<importance>/ (model.pt + record.json); skipped if done. None if
+    """Torch-Pruning peer into folder/tp/tp-<importance>/ (model.safetensors + record.json); skipped if done. None if
     no step held the accuracy budget (the record says so)."""
     out = folder / "tp" / f"tp-{importance}"
     if (out / "record.json").exists():
@@ -147,7 +148,7 @@ def run_tp(dense_run: Any, data: Any, importance: str, seed: int, folder: Path,
         (out / "record.json").write_text(json.dumps(record, indent=1))
         log(f"{folder.name} tp-{importance}: no step held the accuracy budget")
         return None
-    torch.save(model, out / "model.pt")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "record.json").write_text(json.dumps(record, indent=1))
     log(f"{folder.name} tp-{importance}: round {record['chosen_round']}, {100 * record['sparsity']:.1f}% of weights "
         f"removed, test {100 * record['test_accuracy']:.2f}% in {record['seconds']:.0f} s")
@@ -243,7 +244,9 @@ def measure_seed(folder: Path, dense_run: Any, data: Any, labels: list[str], arg
     for label in labels[1:]:
         if label.startswith("tp-"):
             rec = json.loads((folder / "tp" / label / "record.json").read_text())
-            models[label] = torch.load(folder / "tp" / label / "model.pt", weights_only=False).eval()
+            # Torch-Pruning keeps layer types and only shrinks them: rebuild the dense architecture at the
+            # stored shapes instead of pickling whole modules
+            models[label] = resize_to_state_dict(dense_run.model, load_file(str(folder / "tp" / label / "model.safetensors"))).eval()
             info[label] = {k: rec[k] for k in ("test_accuracy", "val_accuracy", "sparsity", "chosen_round",
                                                 "channel_ratio")}
         else:
