@@ -16,27 +16,11 @@ from torch import nn
 
 from obdprune.compact import compact
 from obdprune.errors import UsageError
-from obdprune.export import encode_sparse, export_onnx, save_sparse
-from obdprune.measure import (bytes_dense_fp32, count_macs, count_nonzero_weights, count_weights,
-                              measure_side_by_side)
+from obdprune.export import export_onnx, save_sparse
+from obdprune.measure import measure_side_by_side, size_report
 from obdprune.runfile import LoadedRun, save_run
 
-__all__ = ["size_report", "measure_models", "export_run", "speed_table"]
-
-
-def size_report(model: nn.Module, compacted: nn.Module, example: torch.Tensor, onnx_bytes: int) -> dict[str, Any]:
-    """Weights, MACs (dense / effective / after compaction) and file sizes of one pruned model."""
-    return {
-        "weights": count_weights(model),
-        "nonzero_weights": count_nonzero_weights(model),
-        "weights_after_compaction": count_weights(compacted),
-        "macs_dense": count_macs(model, example),
-        "macs_effective": count_macs(model, example, effective=True),
-        "macs_after_compaction": count_macs(compacted, example),
-        "bytes_dense_fp32": bytes_dense_fp32(model),
-        "bytes_sparse": len(encode_sparse({k: v.detach() for k, v in model.state_dict().items()})),
-        "bytes_onnx_compacted": int(onnx_bytes),
-    }
+__all__ = ["measure_models", "measure_study", "export_run", "speed_table"]
 
 
 def measure_models(

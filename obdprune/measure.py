@@ -34,6 +34,7 @@ __all__ = [
     "latency_onnxruntime",
     "measure_side_by_side",
     "measure_model",
+    "size_report",
 ]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
@@ -306,6 +307,22 @@ def _safe(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def size_report(model: nn.Module, compacted: nn.Module, example: torch.Tensor, onnx_bytes: int) -> dict[str, Any]:
+    """Weights, MACs (dense / effective / after compaction) and file sizes of a pruned model and its
+    compacted version; ``example`` is (N, C, H, W) input used for the MAC count."""
+    return {
+        "weights": count_weights(model),
+        "nonzero_weights": count_nonzero_weights(model),
+        "weights_after_compaction": count_weights(compacted),
+        "macs_dense": count_macs(model, example),
+        "macs_effective": count_macs(model, example, effective=True),
+        "macs_after_compaction": count_macs(compacted, example),
+        "bytes_dense_fp32": bytes_dense_fp32(model),
+        "bytes_sparse": bytes_sparse(model),
+        "bytes_onnx_compacted": int(onnx_bytes),
+    }
+
+
 def measure_model(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -350,18 +367,7 @@ def measure_model(
             threads=threads,
             onnx_paths=paths,
         )
-    out: dict[str, Any] = {
-        "weights": count_weights(model),
-        "nonzero_weights": count_nonzero_weights(model),
-        "weights_after_compaction": count_weights(compacted),
-        "macs_dense": count_macs(model, example),
-        "macs_effective": count_macs(model, example, effective=True),
-        "macs_after_compaction": count_macs(compacted, example),
-        "bytes_dense_fp32": bytes_dense_fp32(model),
-        "bytes_sparse": bytes_sparse(model),
-        "bytes_onnx_compacted": int(onnx_bytes),
-        "latency_ms": lat["compacted"],
-    }
+    out: dict[str, Any] = size_report(model, compacted, example, onnx_bytes) | {"latency_ms": lat["compacted"]}
     if compare_dense:
         out["latency_ms_dense"] = lat["dense"]
     return out
