@@ -16,7 +16,7 @@ from obdprune.errors import Interrupted, ObdpruneError, UsageError
 RESUME_HELP = "continue an interrupted run (same arguments) after its last finished stage"
 STOPPABLE = ("train", "prune", "compare", "import-torch")  # SIGINT/SIGTERM stop these at a step boundary
 DEMO = dict(dataset="fashion-mnist", model="lenet5", epochs=6, sparsity=[0.76, 0.9, 0.95], finetune_epochs=1,
-            reg_epochs=1, out="obdprune-demo")
+            reg_epochs=1, measure_repeats=10, out="obdprune-demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -445,7 +445,7 @@ def cmd_demo(args) -> int:
     argv = ["compare", "--dataset", DEMO["dataset"], "--model", DEMO["model"], "--epochs", str(DEMO["epochs"]),
             "--sparsity", *map(str, DEMO["sparsity"]), "--finetune-epochs", str(DEMO["finetune_epochs"]),
             "--reg-epochs", str(DEMO["reg_epochs"]), "--out", args.out, "--seed", str(args.seed),
-            "--device", args.device]
+            "--device", args.device, "--measure-repeats", str(DEMO["measure_repeats"])]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.no_progress:
