@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 torch.set_num_threads(1)
 
@@ -20,3 +21,14 @@ def fashion_small():
         return load_dataset("fashion-mnist", train_limit=2000, test_limit=500)
     except DataError:
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters, so eval-mode BatchNorm is not the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_()
+            m.bias.normal_()

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from conftest import randomize_batchnorm
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -85,13 +87,7 @@ def make(name: str, n: int = 5, dtype=F64, seed: int = 0):
     factory, shape = NETS[name]
     torch.manual_seed(seed)
     model = factory().to(dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
+    randomize_batchnorm(model)
     model.eval()
     x = torch.randn(n, *shape, dtype=dtype)
     num_classes = model(x).shape[1]

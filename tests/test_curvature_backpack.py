@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_batchnorm
+
 from obdprune.curvature import diag_ggn, diag_hessian
 
 backpack = pytest.importorskip("backpack")
@@ -49,13 +51,7 @@ def make(name: str, dtype: torch.dtype, n: int = 6):
     layers, shape, _ = NETS[name]
     torch.manual_seed(0)
     model = nn.Sequential(*layers()).to(dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
+    randomize_batchnorm(model)
     model.eval()
     x = torch.randn(n, *shape, dtype=dtype)
     y = torch.randint(0, model(x).shape[1], (n,))
