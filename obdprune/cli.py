@@ -151,6 +151,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--granularity", default="element",
                    help="element (single weights) or channel (whole filters/neurons with their bias and BatchNorm; "
                         "group lasso for l1/hybrid)")
+    p.add_argument("--budget", default="weights",
+                   help="what --sparsity, --max-sparsity and --prune-step count: weights (share of Conv/Linear weights "
+                        "removed) or macs (share of their multiply-accumulates; needs --granularity channel, units go "
+                        "by saliency per MAC saved)")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights goes per round")
@@ -293,7 +297,7 @@ def _prune_cfg(args, method: str):
                        curvature=args.curvature, curvature_samples=args.curvature_samples,
                        curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
-                       granularity=args.granularity)
+                       granularity=args.granularity, budget=args.budget)
 
 
 def _need_target(args) -> None:

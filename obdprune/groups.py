@@ -33,7 +33,7 @@ from obdprune.masking import PRUNABLE_TYPES, MaskSet, Scope, prunable_weights
 
 __all__ = [
     "Granularity", "UnitLayer", "unit_groups", "unit_floor", "removed_units", "select_unit_masks",
-    "max_unit_sparsity", "group_parameters", "total_prunable_weights",
+    "max_unit_sparsity", "group_parameters", "total_prunable_weights", "unit_keep_masks",
 ]
 
 
@@ -52,11 +52,14 @@ class UnitLayer:
     params: dotted parameter names, the layer's ``weight`` first, then its ``bias`` and the
       following BatchNorm's ``weight`` and ``bias`` where present; each has ``units`` rows (dim 0).
     weight_shape: shape of ``weight``: (units, in/groups, kH, kW) or (units, in).
+    readers: (layer, span) for every Conv/Linear layer that reads the units: each unit feeds ``span``
+      of that layer's input features (1 for a channel, H*W for a Linear after Flatten).
     """
 
     layer: str
     params: tuple[str, ...]
     weight_shape: tuple[int, ...]
+    readers: tuple[tuple[str, int], ...] = ()
 
     @property
     def weight(self) -> str:
@@ -183,7 +186,9 @@ def unit_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[UnitLaye
             continue
         params = [f"{name}.weight"] + ([f"{name}.bias"] if m.bias is not None else [])
         params += [f"{names[bns[0]]}.weight", f"{names[bns[0]]}.bias"] if bns else []
-        groups.append(UnitLayer(layer=name, params=tuple(params), weight_shape=tuple(m.weight.shape)))
+        readers = tuple((names[it.dep.target.module], len(it.idxs)) for it, r in zip(items, roles) if r == "reader")
+        groups.append(UnitLayer(layer=name, params=tuple(params), weight_shape=tuple(m.weight.shape),
+                                readers=readers))
     return groups
 
 
@@ -308,6 +313,12 @@ def select_unit_masks(
             kk = ~b
             kk[index[chosen[owner[chosen] == i]]] = False
             keep.append(kk)
+    return unit_keep_masks(groups, keep, current)
+
+
+def unit_keep_masks(groups: Sequence[UnitLayer], keep: Sequence[torch.Tensor], current: MaskSet | None) -> MaskSet:
+    """Masks for every member of every group from per-unit keep flags ``keep[i]`` (units,) bool, and'ed
+    with the masks of ``current``, whose other masks are carried over."""
     out = dict(current.masks) if current is not None else {}
     for g, kk in zip(groups, keep):
         for p in g.params:

@@ -8,7 +8,8 @@
 Every method gets the same epochs: ``reg_epochs`` of training before the first round (with the L1
 regularizer for ``l1``/``hybrid``, plain for the others), then ``finetune.epochs`` after every round.
 The sparsity path passes through every requested target; each round removes at most ``prune_step`` of
-the weights still present. Every round is scored on the validation split; ``max_drop`` keeps the last
+the weights still present. With ``budget="macs"`` (channel granularity) the targets and the path count
+the share of the dense Conv/Linear MACs removed instead, and units go by score per MAC saved. Every round is scored on the validation split; ``max_drop`` keeps the last
 round whose validation accuracy stayed within the allowed drop. Test accuracy is only reported.
 """
 from __future__ import annotations
@@ -33,8 +34,9 @@ from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weight
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer, make_regularizer
 from obdprune.saliency import group_magnitude_saliency, group_saliency, magnitude_saliency, obd_saliency
 from obdprune.train import TrainConfig, evaluate, train
+from obdprune.unit_macs import MacModel, mac_model, select_units_by_macs
 
-__all__ = ["Method", "PruneConfig", "PruneResult", "sparsity_path", "prune_model", "measured_sparsity"]
+__all__ = ["Method", "Budget", "PruneConfig", "PruneResult", "sparsity_path", "prune_model", "measured_sparsity"]
 
 
 class Method(Choice):
@@ -57,6 +59,13 @@ class Method(Choice):
 CURVATURE_KINDS = ("exact", "mc", "empirical-fisher", "hutchinson")
 
 
+class Budget(Choice):
+    """What sparsity targets count: the share of Conv/Linear weights or of their MACs removed."""
+
+    WEIGHTS = "weights"
+    MACS = "macs"
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that defines a pruning run besides the data and the dense weights."""
@@ -76,11 +85,17 @@ class PruneConfig:
     max_sparsity: float = 0.99
     seed: int = 0
     granularity: str = "element"
+    budget: str = "weights"
 
     def __post_init__(self) -> None:
         Method.parse(self.method)
         Scope.parse(self.scope)
         Granularity.parse(self.granularity)
+        if Budget.parse(self.budget) is Budget.MACS:
+            if Granularity.parse(self.granularity) is not Granularity.CHANNEL:
+                raise UsageError("--budget macs needs --granularity channel (removing single weights saves no time)")
+            if Scope.parse(self.scope) is not Scope.GLOBAL:
+                raise UsageError("--budget macs needs --scope global (one ranking of units across layers)")
         L1Mode.parse(self.l1_mode)
         NegativeCurvature.parse(self.negative_curvature)
         if self.curvature not in CURVATURE_KINDS:
@@ -125,6 +140,7 @@ class PruneResult:
     round: int
     target_sparsity: float | None = None
     max_drop: float | None = None
+    macs_removed: float | None = None
     state_dict: dict | None = None
     masks: MaskSet | None = None
 
@@ -132,8 +148,9 @@ class PruneResult:
         d = {k: v for k, v in asdict(self).items() if k not in ("state_dict", "masks")}
         if d["target_sparsity"] is None:
             d.pop("target_sparsity")
-        if d["max_drop"] is None:
-            d.pop("max_drop")
+        for k in ("max_drop", "macs_removed"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -185,10 +202,13 @@ def _regularizer(method: Method, cfg: PruneConfig, groups: list[UnitLayer] | Non
 
 
 def _select(scores: dict, target: float, cfg: PruneConfig, current: MaskSet, model: nn.Module,
-            groups: list[UnitLayer] | None) -> MaskSet:
-    """Element masks from per-weight scores, or unit masks from per-unit scores (``groups`` given)."""
+            groups: list[UnitLayer] | None, macs: MacModel | None) -> MaskSet:
+    """Element masks from per-weight scores, or unit masks from per-unit scores (``groups`` given),
+    by weights or, for the MAC budget, by score per MAC saved."""
     if groups is None:
         return select_masks(scores, target, scope=cfg.scope, current=current, layer_floor=cfg.layer_floor)
+    if Budget.parse(cfg.budget) is Budget.MACS:
+        return select_units_by_macs(scores, macs, target, current=current, layer_floor=cfg.layer_floor)
     return select_unit_masks(scores, groups, target, total_weights=total_prunable_weights(model), scope=cfg.scope,
                              current=current, layer_floor=cfg.layer_floor)
 
@@ -247,18 +267,22 @@ def prune_model(
     model = copy.deepcopy(model).to(device)
     if dense_val_accuracy is None:
         dense_val_accuracy, _ = evaluate(model, data.val.x, data.val.y, device=device)
-    groups = None
+    groups = macs = None
     if Granularity.parse(cfg.granularity) is Granularity.CHANNEL:
         groups = unit_groups(model, data.train.x[:1].to(device))
         if not groups:
             raise UsageError("--granularity channel: no Conv/Linear layer of this model has units that can be removed")
+        macs = mac_model(model, data.train.x[:1].to(device), groups)
         limit = max_unit_sparsity(groups, total_prunable_weights(model), cfg.layer_floor, cfg.scope)
     else:
         limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
+    counted = "weights"
+    if Budget.parse(cfg.budget) is Budget.MACS:
+        limit, counted = macs.max_fraction_removed(cfg.layer_floor), "MACs"
     too_far = [t for t in targets if t > limit]
     if too_far:
         raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with --layer-floor {cfg.layer_floor} "
-                         f"and scope {cfg.scope} at most {limit:.4f} of the weights can go")
+                         f"and scope {cfg.scope} at most {limit:.4f} of the {counted} can go")
     path = sparsity_path(list(targets), cfg.prune_step,
                          max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
     target_set = {round(t, 12) for t in targets}
@@ -296,16 +320,19 @@ def prune_model(
         idx = torch.randperm(data.train.x.shape[0], generator=gen)[:n_curv]
         scores, secs = _saliency(method, model, cfg, data.train.x[idx], data.train.y[idx], device, gen, groups)
         curvature_seconds += secs
-        masks = _select(scores, target, cfg, masks, model, groups)
+        masks = _select(scores, target, cfg, masks, model, groups, macs)
         masks.apply(model)
         train(model, data.train.x, data.train.y, replace(cfg.finetune, seed=cfg.seed * 1000 + rnd),
               masks=masks, regularizer=reg, device=device, progress=progress,
               desc=f"{method.value} {target:.3f}")
         sparsity, nonzero, total = measured_sparsity(model)
         val_acc, _ = evaluate(model, data.val.x, data.val.y, device=device)
+        macs_removed = macs.fraction_removed(masks) if macs is not None else None
         record = {"method": method.value, "round": rnd, "target": target, "sparsity": sparsity,
                   "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
                   "curvature_seconds": curvature_seconds}
+        if macs_removed is not None:
+            record["macs_removed"] = macs_removed
         if on_round is not None:
             on_round(record)
 
@@ -314,7 +341,7 @@ def prune_model(
             return PruneResult(
                 method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
                 val_accuracy=val_acc, test_accuracy=test_acc, seconds=time.perf_counter() - start,
-                curvature_seconds=curvature_seconds, round=rnd,
+                curvature_seconds=curvature_seconds, round=rnd, macs_removed=macs_removed,
                 state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 masks=masks.to("cpu"), **kw)
 

@@ -1,0 +1,191 @@
+"""MACs as a function of the units each layer keeps, and unit selection by saliency per MAC.
+
+Removing a unit (filter or neuron) of a layer saves twice: its own multiply-accumulates and the
+ones its readers spend on its output. For a Conv2d/Linear layer ``R`` with dense MACs ``M_R``,
+
+    MACs_R = M_R * (kept outputs of R / outputs of R) * (kept input features of R / input features of R)
+
+where a unit of a producing layer ``P`` feeds ``span(P, R)`` input features of ``R`` (1 for a
+convolution reading a channel, H*W for a Linear after Flatten). This is exact for the Conv/Linear
+MACs of the compacted model that :func:`obdprune.measure.count_macs` counts, as long as compaction
+removes exactly the selected units.
+
+:func:`select_units_by_macs` removes units greedily by score per MAC saved, re-evaluating the saving
+after every removal (it depends on what the neighbours keep), until the model's MACs reach the
+target: the structured counterpart of "least saliency for the weights removed" when what matters is
+inference time rather than parameter count.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from obdprune.errors import UsageError
+from obdprune.groups import UnitLayer, _checked_scores, removed_units, unit_floor, unit_keep_masks
+from obdprune.masking import PRUNABLE_TYPES, MaskSet
+
+__all__ = ["LayerMacs", "MacModel", "mac_model", "select_units_by_macs"]
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """One Conv2d/Linear layer: dense MACs per sample (all its calls) and its output/input widths."""
+
+    layer: str
+    macs: int
+    out_units: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class MacModel:
+    """Conv/Linear MACs per sample of a model as a function of ``kept[i]``, the units ``groups[i]`` keeps."""
+
+    layers: tuple[LayerMacs, ...]
+    groups: tuple[UnitLayer, ...]
+
+    def __post_init__(self) -> None:
+        by_name = {lm.layer: lm for lm in self.layers}
+        for g in self.groups:
+            if g.layer not in by_name:
+                raise ValueError(f"unit layer {g.layer!r} has no MAC count")
+            for reader, _ in g.readers:
+                if reader not in by_name:
+                    raise ValueError(f"reader {reader!r} of {g.layer!r} has no MAC count")
+
+    @property
+    def dense(self) -> int:
+        return sum(lm.macs for lm in self.layers)
+
+    def macs(self, kept: Sequence[int]) -> float:
+        """MACs per sample when ``groups[i]`` keeps ``kept[i]`` units."""
+        if len(kept) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} unit counts, got {len(kept)}")
+        out_frac = {g.layer: k / g.units for g, k in zip(self.groups, kept)}
+        in_removed: dict[str, int] = {}
+        for g, k in zip(self.groups, kept):
+            for reader, span in g.readers:
+                in_removed[reader] = in_removed.get(reader, 0) + (g.units - k) * span
+        return sum(lm.macs * out_frac.get(lm.layer, 1.0) * (1.0 - in_removed.get(lm.layer, 0) / lm.in_features)
+                   for lm in self.layers)
+
+    def kept_units(self, masks: MaskSet | None) -> list[int]:
+        """Units each group keeps under ``masks`` (a unit whose incoming weights are all pruned is gone)."""
+        return [g.units - int(removed_units(g, masks).sum()) for g in self.groups]
+
+    def fraction_removed(self, masks: MaskSet | None) -> float:
+        """Share of the dense Conv/Linear MACs that removing the units ``masks`` empties saves."""
+        return 1.0 - self.macs(self.kept_units(masks)) / self.dense
+
+    def max_fraction_removed(self, layer_floor: float) -> float:
+        """Largest MAC reduction reachable while every group keeps its floor of units (floored to 1e-6)."""
+        floors = [unit_floor(g.units, layer_floor) for g in self.groups]
+        return math.floor((1.0 - self.macs(floors) / self.dense) * 1e6) / 1e6
+
+
+@torch.inference_mode(False)
+def mac_model(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence[UnitLayer]) -> MacModel:
+    """The :class:`MacModel` of ``model`` for its unit ``groups`` (from :func:`obdprune.groups.unit_groups`).
+
+    example_inputs: (N, C, H, W) batch the model accepts; one sample is run through it in eval mode
+    (the model's mode is restored).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    macs: dict[str, int] = {}
+
+    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        positions = math.prod(out.shape[2:]) if isinstance(m, nn.Conv2d) else math.prod(args[0].shape[1:-1])
+        macs[names[m]] = macs.get(names[m], 0) + m.weight.numel() * positions
+
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(example_inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = tuple(LayerMacs(names[m], macs[names[m]], m.weight.shape[0],
+                          m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+                for m in layers if names[m] in macs)
+    return MacModel(out, tuple(groups))
+
+
+def select_units_by_macs(
+    unit_scores: Mapping[str, torch.Tensor],
+    mac_model: MacModel,
+    fraction: float,
+    *,
+    current: MaskSet | None = None,
+    layer_floor: float = 0.01,
+) -> MaskSet:
+    """Keep-masks removing the units of least score per MAC saved until ``fraction`` of the dense
+    Conv/Linear MACs is gone.
+
+    unit_scores: {layer name: (units,)} additive costs of removing each unit (higher = keep).
+    fraction: share of ``mac_model.dense`` to remove, in [0, 1). Each step removes, over all layers,
+      the next unit (lowest score first within a layer) with the least score / MACs it saves now;
+      the stop is the step whose MACs are nearest the target (ties: fewer removed).
+    current: masks in force; units they empty stay removed and their other entries carry over.
+    layer_floor: every layer keeps ``max(1, ceil(layer_floor * units))`` units; a target that cannot
+      be met under that floor raises UsageError.
+    Returns masks for every member of every group plus the other masks of ``current``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"MAC fraction must be in [0, 1), got {fraction}")
+    if not 0.0 <= layer_floor <= 1.0:
+        raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
+    groups = mac_model.groups
+    scores = [_checked_scores(unit_scores, g) for g in groups]
+    before = [removed_units(g, current) for g in groups]
+    orders, avail = [], []
+    for g, s, b in zip(groups, scores, before):
+        free = torch.nonzero(~b).flatten()
+        orders.append(free[torch.sort(s[free], stable=True).indices].tolist())  # ascending; ties by index
+        avail.append(max(0, free.numel() - unit_floor(g.units, layer_floor)))
+    kept = [g.units - int(b.sum()) for g, b in zip(groups, before)]
+    dense = mac_model.dense
+    target = (1.0 - fraction) * dense
+    now = mac_model.macs(kept)
+    taken = [0] * len(groups)
+    while now > target:
+        best: tuple[float, int, float] | None = None
+        for i, g in enumerate(groups):
+            if taken[i] >= avail[i]:
+                continue
+            kept[i] -= 1
+            after = mac_model.macs(kept)
+            kept[i] += 1
+            saved = now - after
+            if saved <= 0:
+                continue
+            ratio = float(scores[i][orders[i][taken[i]]]) / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, i, after)
+        if best is None:
+            raise UsageError(
+                f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
+                f"floor (at most {mac_model.max_fraction_removed(layer_floor):.4f}); lower the target or "
+                f"--layer-floor")
+        _, i, after = best
+        prev, now = now, after
+        kept[i] -= 1
+        taken[i] += 1
+        if now <= target and target - now >= prev - target:  # the step before was as near: undo this one
+            taken[i] -= 1
+            break
+    keep = []
+    for g, b, order, t in zip(groups, before, orders, taken):
+        kk = ~b
+        kk[order[:t]] = False
+        keep.append(kk)
+    return unit_keep_masks(groups, keep, current)

@@ -1,0 +1,189 @@
+"""The MAC model of unit counts (against measured MACs of compacted models) and unit selection by
+saliency per MAC saved (hand-written cases, invariants, the pruning loop and the CLI)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from obdprune.compact import compact
+from obdprune.errors import UsageError
+from obdprune.groups import UnitLayer, removed_units, unit_groups
+from obdprune.masking import MaskSet
+from obdprune.measure import count_macs
+from obdprune.methods import PruneConfig, prune_model
+from obdprune.models import build_model
+from obdprune.train import TrainConfig
+from obdprune.unit_macs import LayerMacs, MacModel, mac_model, select_units_by_macs
+
+from conftest import randomize_batchnorm
+
+
+class _ResBlockNet(nn.Module):
+    """stem → residual block (the block's inner conv is a unit layer; stem and block output are tied)
+    → global pooling → Linear → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv1, self.bn1 = nn.Conv2d(6, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+        self.conv2, self.bn2 = nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Linear(6, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc2(F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+
+
+def _net(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resblock":
+        m, x = _ResBlockNet(), torch.randn(4, 1, 10, 10)
+    else:
+        shape = (3, 16, 16) if name == "vgg-small" else (1, 28, 28)
+        m, x = build_model(name, shape, 10), torch.randn(4, *shape)
+    randomize_batchnorm(m)
+    return m.eval(), x
+
+
+def _remove(model: nn.Module, groups: list[UnitLayer], gone: list[list[int]]) -> None:
+    """Zero the whole group (weights, bias, BatchNorm) of the listed units of each layer."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for g, units in zip(groups, gone):
+            for p in g.params:
+                params[p][units] = 0
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet5-caffe", "vgg-small", "resblock"])
+def test_dense_mac_model_equals_counted_macs(name):
+    m, x = _net(name)
+    mm = mac_model(m, x, unit_groups(m, x))
+    assert mm.dense == count_macs(m, x)
+    assert mm.macs([g.units for g in mm.groups]) == pytest.approx(mm.dense, rel=1e-12)
+
+
+def test_mac_model_knows_what_reads_each_unit():
+    m, x = _net("lenet5")
+    groups = unit_groups(m, x)
+    # conv1 → conv2 (a channel each); conv2 → Flatten → Linear(400, 120): 5×5 features per channel
+    assert [(g.layer, g.readers) for g in groups] == [
+        ("0", (("3", 1),)), ("3", (("7", 25),)), ("7", (("9", 1),)), ("9", (("11", 1),))]
+    m, x = _net("resblock")
+    assert [(g.layer, g.readers) for g in unit_groups(m, x)] == [("conv1", (("conv2", 1),)), ("fc1", (("fc2", 1),))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(["lenet5", "lenet5-caffe", "vgg-small", "resblock"]), seed=st.integers(0, 2**16))
+def test_mac_model_equals_macs_of_the_compacted_model(name, seed):
+    m, x = _net(name)
+    groups = unit_groups(m, x)
+    mm = mac_model(m, x, groups)
+    gen = torch.Generator().manual_seed(seed)
+    gone = []
+    for g in groups:  # remove a random number of units (at least one stays) at random positions
+        k = int(torch.randint(0, g.units, (1,), generator=gen))
+        gone.append(torch.randperm(g.units, generator=gen)[:k].tolist())
+    _remove(m, groups, gone)
+    kept = [g.units - len(u) for g, u in zip(groups, gone)]
+    assert mm.kept_units(MaskSet({g.weight: dict(m.named_parameters())[g.weight] != 0 for g in groups})) == kept
+    assert mm.macs(kept) == pytest.approx(count_macs(compact(m, x), x), rel=1e-9)
+
+
+# Two Linear unit layers by hand: A (4 units, 10 inputs) → B (3 units) → C (2 classes, not a group).
+A = UnitLayer("a", ("a.weight",), (4, 10), readers=(("b", 1),))
+B = UnitLayer("b", ("b.weight",), (3, 4), readers=(("c", 1),))
+HAND = MacModel((LayerMacs("a", 40, 4, 10), LayerMacs("b", 12, 3, 4), LayerMacs("c", 6, 2, 3)), (A, B))
+
+
+def test_mac_model_by_hand():
+    assert HAND.dense == 58
+    # A keeps 2 of 4: a 2·10 = 20, b 3·2 = 6, c 6 → 32; B keeps 1 of 3 as well: b 1·2 = 2, c 2·1 = 2 → 24
+    assert HAND.macs([2, 3]) == pytest.approx(32)
+    assert HAND.macs([2, 1]) == pytest.approx(24)
+    assert HAND.max_fraction_removed(0.0) == pytest.approx(1 - (10 + 1 + 2) / 58, abs=1e-6)
+
+
+def _kept(masks: MaskSet, g: UnitLayer) -> list[int]:
+    return torch.nonzero(~removed_units(g, masks)).flatten().tolist()
+
+
+def test_selection_goes_by_score_per_mac_saved():
+    # First step: a unit of A saves 10 + 3 = 13 MACs, one of B saves 4 + 2 = 6.
+    # A's cheapest (score 1.3) costs 0.1 per MAC, B's cheapest (score 0.3) 0.05: B's goes first.
+    scores = {"a": torch.tensor([5.0, 1.3, 9.0, 9.0]), "b": torch.tensor([9.0, 0.3, 9.0])}
+    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0)
+    assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
+    # Then A's unit 1 (1.3 / (10 + 2) ≈ 0.108) beats B's next (9 / (4 + 2) = 1.5): MACs 52 → 40.
+    masks = select_units_by_macs(scores, HAND, 18 / 58, layer_floor=0.0)
+    assert (_kept(masks, A), _kept(masks, B)) == ([0, 2, 3], [0, 2])
+    # The stop is the step nearest the target; a tie keeps fewer removed: 52 and 40 around 46.
+    masks = select_units_by_macs(scores, HAND, 12 / 58, layer_floor=0.0)
+    assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
+    masks = select_units_by_macs(scores, HAND, 0.0, layer_floor=0.0)
+    assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 1, 2])
+
+
+def test_selection_respects_floors_and_refuses_unreachable_targets():
+    scores = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    masks = select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5), layer_floor=0.5)
+    assert (len(_kept(masks, A)), len(_kept(masks, B))) == (2, 2)
+    with pytest.raises(UsageError, match="floor"):
+        select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5) + 0.01, layer_floor=0.5)
+    with pytest.raises(UsageError, match=r"\[0, 1\)"):
+        select_units_by_macs(scores, HAND, 1.0)
+    with pytest.raises(ValueError, match="no unit scores for layer 'b'"):
+        select_units_by_macs({"a": torch.zeros(4)}, HAND, 0.1)
+
+
+def test_selection_only_shrinks_masks_and_keeps_other_masks():
+    other = torch.tensor([True, False])
+    current = MaskSet({"a.weight": torch.ones(4, 10, dtype=torch.bool), "b.weight": torch.ones(3, 4, dtype=torch.bool),
+                       "c.weight": other})
+    current.masks["a.weight"][2] = False  # unit 2 of A already gone
+    current.masks["b.weight"][0, 1] = False  # one single weight of B already pruned
+    scores = {"a": torch.tensor([0.0, 9.0, 0.0, 9.0]), "b": torch.full((3,), 9.0)}
+    masks = select_units_by_macs(scores, HAND, 1 - HAND.macs([2, 3]) / 58, current=current, layer_floor=0.0)
+    assert _kept(masks, A) == [1, 3]  # unit 2 stays removed, unit 0 (score 0) joins it
+    assert not masks["b.weight"][0, 1] and torch.equal(masks["c.weight"], other)
+
+
+# ------------------------------------------------------------------------------- pruning loop + CLI
+
+
+def test_macs_budget_prunes_to_mac_targets_and_compacts_to_them(digits):
+    torch.manual_seed(0)
+    dense = build_model("lenet5", digits.input_shape, digits.num_classes)
+    cfg = PruneConfig(method="obd", granularity="channel", budget="macs", reg_epochs=0, curvature_samples=64,
+                      finetune=TrainConfig(epochs=1, lr=0.01, batch_size=128, schedule="cosine"))
+    results = prune_model(dense, digits, cfg, targets=[0.3, 0.6], progress=False)
+    x = digits.test.x[:8].clone(memory_format=torch.contiguous_format)
+    base = count_macs(dense, x)
+    for res, target in zip(results, (0.3, 0.6)):
+        model = build_model("lenet5", digits.input_shape, digits.num_classes)
+        model.load_state_dict(res.state_dict)
+        saved = 1 - count_macs(compact(model.eval(), x), x) / base
+        assert res.macs_removed == pytest.approx(saved, abs=1e-9)
+        assert saved == pytest.approx(target, abs=0.03)  # nearest whole-unit step
+        assert res.to_dict()["macs_removed"] == res.macs_removed
+
+
+def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys):
+    with pytest.raises(UsageError, match="--budget macs needs --granularity channel"):
+        PruneConfig(budget="macs")
+    with pytest.raises(UsageError, match="--budget macs needs --scope global"):
+        PruneConfig(budget="macs", granularity="channel", scope="layer")
+    with pytest.raises(UsageError, match="unknown budget 'flops'; choose one of: weights, macs"):
+        PruneConfig(budget="flops")
+    from obdprune.cli import main
+
+    dense = tmp_path / "dense"
+    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--out", str(dense),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(dense), "--method", "obd", "--budget", "macs", "--sparsity", "0.5",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "obdprune: error: --budget macs needs --granularity channel (removing single weights saves no time)"
