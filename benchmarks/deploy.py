@@ -54,7 +54,7 @@ from obdprune.study import load_run_data  # noqa: E402
 from obdprune.train import TrainConfig  # noqa: E402
 
 VARIANTS = ("hybrid:element", "hybrid:channel", "magnitude:element", "l1:element", "obd:element",
-            "magnitude:channel", "obd:channel")
+            "magnitude:channel", "obd:channel", "hybrid:channel:macs", "magnitude:channel:macs", "obd:channel:macs")
 PEERS = ("magnitude", "hessian", "hessian-shipped")
 BACKENDS = (("torch", "torch"), ("onnxruntime", "ORT"))
 
@@ -63,9 +63,17 @@ def log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def parse_variant(variant: str) -> tuple[str, str, str]:
+    """``method:granularity[:budget]`` → (method, granularity, budget); budget defaults to weights."""
+    parts = variant.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"variant {variant!r}: expected method:granularity or method:granularity:budget")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else "weights"
+
+
 def variant_label(variant: str) -> str:
-    method, gran = variant.split(":")
-    return f"{method}-{gran}"
+    method, gran, budget = parse_variant(variant)
+    return f"{method}-{gran}" + ("" if budget == "weights" else f"-{budget}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +85,8 @@ def run_obdprune(dense: Path, variant: str, seed: int, folder: Path, args: argpa
                  extra: Sequence[str]) -> Path | None:
     """`obdprune prune DENSE --method M --granularity G --max-drop PP` into folder/runs/<label>; skipped if done.
     None if no round held the accuracy budget (recorded in <label>.failed, also skipped on a rerun)."""
-    method, gran = variant.split(":")
+    method, gran, budget = parse_variant(variant)
+    step = args.macs_prune_step if budget == "macs" else args.prune_step
     out = folder / "runs" / variant_label(variant)
     failed = out.parent / f"{out.name}.failed"
     if (out / "manifest.json").exists():
@@ -88,7 +97,7 @@ def run_obdprune(dense: Path, variant: str, seed: int, folder: Path, args: argpa
     cmd = [sys.executable, "-m", "obdprune", "prune", str(dense), "--method", method, "--granularity", gran,
            "--max-drop", str(args.max_drop), "--out", str(out), "--seed", str(seed), "--threads", "1",
            "--no-progress", "--finetune-epochs", str(args.finetune_epochs), "--reg-epochs", str(args.reg_epochs),
-           "--finetune-lr", str(args.finetune_lr), "--prune-step", str(args.prune_step),
+           "--finetune-lr", str(args.finetune_lr), "--prune-step", str(step), "--budget", budget,
            "--batch-size", str(args.batch_size), *extra]
     if (out.parent / f".{out.name}.work").exists():
         cmd.append("--resume")
@@ -112,10 +121,14 @@ def check_settings(folder: Path, dense: Path, args: argparse.Namespace, extra: S
     settings = {"dense": str(dense.resolve()), "max_drop": args.max_drop, "finetune_epochs": args.finetune_epochs,
                 "reg_epochs": args.reg_epochs, "finetune_lr": args.finetune_lr, "prune_step": args.prune_step,
                 "batch_size": args.batch_size, "tp_ratios": list(peer_config("magnitude", 0, args).ratios),
-                "hessian_samples": args.hessian_samples, "obdprune_flags": list(extra)}
+                "hessian_samples": args.hessian_samples, "obdprune_flags": list(extra),
+                "macs_prune_step": args.macs_prune_step}
     path = folder / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
+        if any(k not in old for k in settings):  # written before these settings existed: add them
+            old = {**settings, **old}
+            path.write_text(json.dumps(old, indent=1))
         if old != settings:
             diff = ", ".join(f"{k}: {old.get(k)!r} → {v!r}" for k, v in settings.items() if old.get(k) != v)
             raise SystemExit(f"{folder} holds runs made with other settings ({diff}); use another --out")
@@ -443,12 +456,15 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/deploy")
     p.add_argument("--md", default="benchmarks/results/deploy.md")
     p.add_argument("--max-drop", type=float, default=0.5)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="obdprune method:granularity pairs")
-    p.add_argument("--peers", nargs="+", default=list(PEERS), help=f"Torch-Pruning importances: {', '.join(PEERS)}")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   help="obdprune method:granularity[:budget] (budget weights or macs; default weights)")
+    p.add_argument("--peers", nargs="*", default=list(PEERS), help=f"Torch-Pruning importances: {', '.join(PEERS)}")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--reg-epochs", type=int, default=2)
     p.add_argument("--finetune-lr", type=float, default=0.03)
     p.add_argument("--prune-step", type=float, default=0.6)
+    p.add_argument("--macs-prune-step", type=float, default=0.3,
+                   help="prune step of the macs-budget variants (share of the remaining MACs per round)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--tp-step", type=float, default=0.1, help="Torch-Pruning's linear schedule: channel ratio "
                    "0.1, 0.2, ... (pruning_ratio=0.9, iterative_steps=9 for 0.1)")
