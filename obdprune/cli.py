@@ -155,6 +155,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="what --sparsity, --max-sparsity and --prune-step count: weights (share of Conv/Linear weights "
                         "removed) or macs (share of their multiply-accumulates; needs --granularity channel, units go "
                         "by saliency per MAC saved)")
+    p.add_argument("--channel-multiple", type=_positive_int, default=1, metavar="N",
+                   help="with --budget macs: every layer keeps a multiple of N units (or all); 8 suits onnxruntime's "
+                        "convolution kernels on AVX2 CPUs")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights goes per round")
@@ -297,7 +300,8 @@ def _prune_cfg(args, method: str):
                        curvature=args.curvature, curvature_samples=args.curvature_samples,
                        curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
-                       granularity=args.granularity, budget=args.budget)
+                       granularity=args.granularity, budget=args.budget,
+                       channel_multiple=args.channel_multiple)
 
 
 def _need_target(args) -> None:

@@ -86,6 +86,7 @@ class PruneConfig:
     seed: int = 0
     granularity: str = "element"
     budget: str = "weights"
+    channel_multiple: int = 1
 
     def __post_init__(self) -> None:
         Method.parse(self.method)
@@ -96,6 +97,10 @@ class PruneConfig:
                 raise UsageError("--budget macs needs --granularity channel (removing single weights saves no time)")
             if Scope.parse(self.scope) is not Scope.GLOBAL:
                 raise UsageError("--budget macs needs --scope global (one ranking of units across layers)")
+        if self.channel_multiple < 1:
+            raise UsageError(f"channel multiple must be >= 1, got {self.channel_multiple}")
+        if self.channel_multiple > 1 and Budget.parse(self.budget) is not Budget.MACS:
+            raise UsageError("--channel-multiple needs --budget macs")
         L1Mode.parse(self.l1_mode)
         NegativeCurvature.parse(self.negative_curvature)
         if self.curvature not in CURVATURE_KINDS:
@@ -208,7 +213,8 @@ def _select(scores: dict, target: float, cfg: PruneConfig, current: MaskSet, mod
     if groups is None:
         return select_masks(scores, target, scope=cfg.scope, current=current, layer_floor=cfg.layer_floor)
     if Budget.parse(cfg.budget) is Budget.MACS:
-        return select_units_by_macs(scores, macs, target, current=current, layer_floor=cfg.layer_floor)
+        return select_units_by_macs(scores, macs, target, current=current, layer_floor=cfg.layer_floor,
+                                    multiple=cfg.channel_multiple)
     return select_unit_masks(scores, groups, target, total_weights=total_prunable_weights(model), scope=cfg.scope,
                              current=current, layer_floor=cfg.layer_floor)
 
@@ -278,7 +284,7 @@ def prune_model(
         limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
     counted = "weights"
     if Budget.parse(cfg.budget) is Budget.MACS:
-        limit, counted = macs.max_fraction_removed(cfg.layer_floor), "MACs"
+        limit, counted = macs.max_fraction_removed(cfg.layer_floor, cfg.channel_multiple), "MACs"
     too_far = [t for t in targets if t > limit]
     if too_far:
         raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with --layer-floor {cfg.layer_floor} "

@@ -15,7 +15,7 @@ from obdprune.measure import count_macs
 from obdprune.methods import PruneConfig, prune_model
 from obdprune.models import build_model
 from obdprune.train import TrainConfig
-from obdprune.unit_macs import LayerMacs, MacModel, mac_model, select_units_by_macs
+from obdprune.unit_macs import LayerMacs, MacModel, mac_model, min_kept, select_units_by_macs
 
 from conftest import randomize_batchnorm
 
@@ -150,6 +150,51 @@ def test_selection_only_shrinks_masks_and_keeps_other_masks():
     assert not masks["b.weight"][0, 1] and torch.equal(masks["c.weight"], other)
 
 
+def test_min_kept_rounds_the_floor_up_to_the_multiple():
+    assert [min_kept(50, 0.01, m) for m in (1, 8, 16)] == [1, 8, 16]
+    assert min_kept(50, 0.3, 8) == 16  # floor 15 → 16
+    assert min_kept(6, 0.01, 8) == 6 and min_kept(8, 0.01, 8) == 8  # too few units to prune in blocks
+    assert min_kept(12, 0.9, 8) == 12  # floor 11 → 16 > 12: keeps all
+
+
+def test_selection_in_blocks_of_a_multiple():
+    # multiple 2: A (4 units) goes 4 → 2 in one block, B (3 units) 3 → 2 only (its minimum is 2)
+    scores = {"a": torch.tensor([5.0, 1.3, 9.0, 9.0]), "b": torch.tensor([9.0, 0.3, 9.0])}
+    assert HAND.max_fraction_removed(0.0, 2) == pytest.approx(1 - 28 / 58, abs=1e-6)
+    # B's block: 0.3 / 6 MACs = 0.05 beats A's (1.3 + 5) / 26 ≈ 0.24; then only A's block is left
+    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0, multiple=2)
+    assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
+    masks = select_units_by_macs(scores, HAND, 30 / 58, layer_floor=0.0, multiple=2)
+    assert (_kept(masks, A), _kept(masks, B)) == ([2, 3], [0, 2])
+    with pytest.raises(UsageError, match="floor"):
+        select_units_by_macs(scores, HAND, 31 / 58, layer_floor=0.0, multiple=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), fraction=st.floats(0.0, 0.8), multiple=st.sampled_from([1, 2, 4, 8]),
+       first=st.floats(0.0, 0.5))
+def test_selection_invariants(seed, fraction, multiple, first):
+    """Kept counts are multiples (or all units), at least the minimum; masks only shrink; the MACs reached
+    are the nearest to the target among the greedy steps, so within one block's saving of it."""
+    m, x = _net("lenet5-caffe")
+    mm = mac_model(m, x, unit_groups(m, x))
+    gen = torch.Generator().manual_seed(seed)
+    scores = {g.layer: torch.rand(g.units, generator=gen) for g in mm.groups}
+    fraction = min(fraction, mm.max_fraction_removed(0.01, multiple))
+    first = min(first, fraction)
+    current = select_units_by_macs(scores, mm, first, multiple=multiple)
+    masks = select_units_by_macs(scores, mm, fraction, current=current, multiple=multiple)
+    for g, before, after in zip(mm.groups, mm.kept_units(current), mm.kept_units(masks)):
+        assert after <= before and after >= min_kept(g.units, 0.01, multiple)
+        assert after == g.units or after % multiple == 0
+        assert bool((masks[g.weight] <= current[g.weight]).all())
+    reached = mm.fraction_removed(masks)
+    biggest_block = max(mm.macs([g.units for g in mm.groups]) - mm.macs(
+        [g.units - (multiple if i == j else 0) for j, g in enumerate(mm.groups)]) for i in range(len(mm.groups)))
+    if reached < fraction:
+        assert fraction - reached <= biggest_block / mm.dense + 1e-9
+
+
 # ------------------------------------------------------------------------------- pruning loop + CLI
 
 
@@ -177,6 +222,8 @@ def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys
         PruneConfig(budget="macs", granularity="channel", scope="layer")
     with pytest.raises(UsageError, match="unknown budget 'flops'; choose one of: weights, macs"):
         PruneConfig(budget="flops")
+    with pytest.raises(UsageError, match="--channel-multiple needs --budget macs"):
+        PruneConfig(granularity="channel", channel_multiple=8)
     from obdprune.cli import main
 
     dense = tmp_path / "dense"
