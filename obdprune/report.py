@@ -37,15 +37,21 @@ def render_report(summary: dict[str, Any]) -> str:
         f"Dense: test {_pct(d['test_accuracy'])}, validation {_pct(d['val_accuracy'])}, "
         f"{d['nonzero_weights']:,} of {d['weights']:,} weights nonzero.",
         "",
-        "| method | target | sparsity | nonzero weights | compression | val acc | test acc | Δ test (pt) | seconds | curvature s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    macs = any("macs_removed" in r for r in summary["results"])
+    unit = " of MACs" if (summary.get("prune") or {}).get("budget") == "macs" else ""
+    lines += [
+        "| method | target | sparsity | nonzero weights | compression |" + (" MACs removed |" if macs else "")
+        + " val acc | test acc | Δ test (pt) | seconds | curvature s |",
+        "|---|---|---|---|---|" + ("---|" if macs else "") + "---|---|---|---|---|",
     ]
     for r in sorted(summary["results"], key=_sort_key):
-        target = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"{r['target_sparsity']:.2f}"
+        target = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"{r['target_sparsity']:.2f}{unit}"
         comp = d["weights"] / max(r["nonzero_weights"], 1)
         delta = 100 * (r["test_accuracy"] - d["test_accuracy"])
+        mac_cell = (f" {_pct(r['macs_removed'])} |" if "macs_removed" in r else " – |") if macs else ""
         lines.append(
-            f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× | "
+            f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× |{mac_cell} "
             f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
             f"{r.get('curvature_seconds', 0.0):.1f} |")
     extra = summary.get("speed_table")

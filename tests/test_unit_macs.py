@@ -234,3 +234,18 @@ def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "obdprune: error: --budget macs needs --granularity channel (removing single weights saves no time)"
+
+
+def test_report_shows_mac_targets_and_macs_removed():
+    from obdprune.report import render_report
+
+    dense = {"test_accuracy": 0.9, "val_accuracy": 0.91, "nonzero_weights": 100, "weights": 100}
+    res = {"method": "obd", "sparsity": 0.2, "nonzero_weights": 80, "weights": 100, "val_accuracy": 0.9,
+           "test_accuracy": 0.89, "seconds": 3.0, "curvature_seconds": 0.5, "round": 1, "target_sparsity": 0.5,
+           "macs_removed": 0.4987}
+    text = render_report({"model": "m", "dataset": "d", "seed": 0, "dense": dense, "prune": {"budget": "macs"},
+                          "results": [res]})
+    assert "| MACs removed |" in text and "| obd | 0.50 of MACs | 20.00% |" in text and "| 49.87% |" in text
+    plain = {k: v for k, v in res.items() if k != "macs_removed"}
+    text = render_report({"model": "m", "dataset": "d", "seed": 0, "dense": dense, "results": [plain]})
+    assert "MACs" not in text
