@@ -356,7 +356,7 @@ def cmd_prune(args) -> int:
     from obdprune.checkpoint import StudyState, normalized_args
     from obdprune.report import write_summary
     from obdprune.runfile import check_replaceable, load_run
-    from obdprune.study import load_run_data, prune_dense
+    from obdprune.study import load_run_data, prune_dense, round_line
 
     _need_target(args)
     out = _check_out(args.out)
@@ -374,7 +374,9 @@ def cmd_prune(args) -> int:
         try:
             results = prune_dense(run, data, cfg, targets=args.sparsity, max_drop=args.max_drop,
                                   device=_device(args.device), progress=not args.no_progress, out_dir=work / "runs",
-                                  checkpoint=state.rounds(stage))
+                                  checkpoint=state.rounds(stage),
+                                  on_round=lambda r: print(round_line(r, run.manifest["metrics"]["val_accuracy"]),
+                                                           flush=True))
             state.finish(stage, results)
         except Interrupted as e:
             e.hint = f"finished rounds are saved in {work}; resume with the same command plus --resume"

@@ -99,6 +99,13 @@ def result_label(r: PruneResult) -> str:
     return f"{r.method}-s{r.target_sparsity:.4g}"
 
 
+def round_line(record: dict, dense_val_accuracy: float) -> str:
+    """One line for a finished pruning round (a :func:`obdprune.methods.prune_model` round record)."""
+    macs = f", {100 * record['macs_removed']:.1f}% of MACs" if "macs_removed" in record else ""
+    return (f"{record['method']} round {record['round']}: {100 * record['sparsity']:.1f}% of weights{macs} removed, "
+            f"validation {100 * record['val_accuracy']:.2f}% (dense {100 * dense_val_accuracy:.2f}%)")
+
+
 def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: PruneConfig, *,
                 targets: Sequence[float] = (), max_drop: float | None = None, device: str = "cpu",
                 progress: bool = True, out_dir: str | Path | None = None,
@@ -203,6 +210,7 @@ def run_compare(
             log(f"pruning with {method}")
             rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
                              device=device, progress=progress, out_dir=out / "runs",
+                             on_round=lambda r: log(round_line(r, m["val_accuracy"])),
                              checkpoint=state.rounds(stage) if state is not None else None)
         for r in rs:
             tag = f"max-drop {r['max_drop']}" if "max_drop" in r else f"target {r['target_sparsity']:.2f}"
