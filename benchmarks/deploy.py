@@ -65,21 +65,24 @@ def log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def parse_variant(variant: str) -> tuple[str, str, str, int]:
-    """``method:granularity[:budget]`` → (method, granularity, budget, channel multiple); budget is
-    weights (the default), macs, or macsN: macs with ``--channel-multiple N``."""
+def parse_variant(variant: str) -> tuple[str, str, str, int, str | None]:
+    """``method:granularity[:budget[:lambda]]`` → (method, granularity, budget, channel multiple, λ or None);
+    budget is weights (the default), macs, or macsN: macs with ``--channel-multiple N``; lambda is the
+    ``--l1-lambda`` of this variant (default: obdprune's)."""
     parts = variant.split(":")
-    match = re.fullmatch(r"(weights|macs)(\d*)", parts[2]) if len(parts) == 3 else None
-    if len(parts) not in (2, 3) or (len(parts) == 3 and match is None):
-        raise SystemExit(f"variant {variant!r}: expected method:granularity[:weights|macs|macsN]")
+    match = re.fullmatch(r"(weights|macs)(\d*)", parts[2]) if len(parts) >= 3 else None
+    if len(parts) not in (2, 3, 4) or (len(parts) >= 3 and match is None):
+        raise SystemExit(f"variant {variant!r}: expected method:granularity[:weights|macs|macsN[:lambda]]")
+    lam = parts[3] if len(parts) == 4 else None
     if match is None:
-        return parts[0], parts[1], "weights", 1
-    return parts[0], parts[1], match.group(1), int(match.group(2) or 1)
+        return parts[0], parts[1], "weights", 1, lam
+    return parts[0], parts[1], match.group(1), int(match.group(2) or 1), lam
 
 
 def variant_label(variant: str) -> str:
-    method, gran, budget, multiple = parse_variant(variant)
-    return f"{method}-{gran}" + ("" if budget == "weights" else f"-{budget}") + (f"{multiple}" if multiple > 1 else "")
+    method, gran, budget, multiple, lam = parse_variant(variant)
+    return (f"{method}-{gran}" + ("" if budget == "weights" else f"-{budget}") + (f"{multiple}" if multiple > 1 else "")
+            + (f"-lam{lam}" if lam else ""))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def run_obdprune(dense: Path, variant: str, seed: int, folder: Path, args: argpa
                  extra: Sequence[str]) -> Path | None:
     """`obdprune prune DENSE --method M --granularity G --max-drop PP` into folder/runs/<label>; skipped if done.
     None if no round held the accuracy budget (recorded in <label>.failed, also skipped on a rerun)."""
-    method, gran, budget, multiple = parse_variant(variant)
+    method, gran, budget, multiple, lam = parse_variant(variant)
     step = args.macs_prune_step if budget == "macs" else args.prune_step
     out = folder / "runs" / variant_label(variant)
     failed = out.parent / f"{out.name}.failed"
@@ -104,7 +107,7 @@ def run_obdprune(dense: Path, variant: str, seed: int, folder: Path, args: argpa
            "--max-drop", str(args.max_drop), "--out", str(out), "--seed", str(seed), "--threads", "1",
            "--no-progress", "--finetune-epochs", str(args.finetune_epochs), "--reg-epochs", str(args.reg_epochs),
            "--finetune-lr", str(args.finetune_lr), "--prune-step", str(step), "--budget", budget,
-           *(["--channel-multiple", str(multiple)] if multiple > 1 else []),
+           *(["--channel-multiple", str(multiple)] if multiple > 1 else []), *(["--l1-lambda", lam] if lam else []),
            "--batch-size", str(args.batch_size), *extra]
     if (out.parent / f".{out.name}.work").exists():
         cmd.append("--resume")
@@ -464,8 +467,8 @@ def main() -> None:
     p.add_argument("--md", default="benchmarks/results/deploy.md")
     p.add_argument("--max-drop", type=float, default=0.5)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                   help="obdprune method:granularity[:budget] (budget weights, macs, or macsN for macs with "
-                        "--channel-multiple N; default weights)")
+                   help="obdprune method:granularity[:budget[:lambda]] (budget weights, macs, or macsN for macs with "
+                        "--channel-multiple N; default weights; lambda: this variant's --l1-lambda)")
     p.add_argument("--peers", nargs="*", default=list(PEERS), help=f"Torch-Pruning importances: {', '.join(PEERS)}")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--reg-epochs", type=int, default=2)
