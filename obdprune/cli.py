@@ -165,7 +165,8 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
-    p.add_argument("--l1-lambda", type=_nonneg_float, default=2e-3, help="L1 (group-lasso for channel) strength λ")
+    p.add_argument("--l1-lambda", type=_nonneg_float, default=None,
+                   help="L1 strength λ (group lasso for channel); default 2e-3 for element, 3e-4 for channel")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
     p.add_argument("--curvature-samples", type=_positive_int, default=1024,
