@@ -412,13 +412,11 @@ def model_section(name: str, seeds: list[dict], labels: list[str], args: argpars
         lines.append(f"- Fastest model within {args.max_drop} pt of dense on test (mean over seeds): **{best}**, "
                      f"onnxruntime batch 256 at {t:.2f}× dense by process CPU time"
                      + (f" (goal ≤ {goal}×: {'met' if t <= goal else 'not met'})." if goal else "."))
-    if "hybrid-element" in rows:
-        f = statistics.mean(rows["hybrid-element"]["sparse_file"])
-        fz = statistics.mean(rows["hybrid-element"]["sparse_file_pz"])
-        lines.append(f"- Unstructured hybrid: sparse file {f:.3f}× the dense fp32 file as saved, {fz:.3f}× with -0.0 "
-                     f"stored as +0.0, at {statistics.mean(rows['hybrid-element']['removed']):.1f}% of weights removed "
-                     f"(goal ≤ 0.1×: {'met' if f <= 0.1 else 'not met'} as saved, "
-                     f"{'met' if fz <= 0.1 else 'not met'} with +0.0).")
+    for label in [l for l in labels if l.endswith("-element")]:
+        f = statistics.mean(rows[label]["sparse_file"])
+        lines.append(f"- {label}: sparse file {f:.3f}× the dense fp32 file at "
+                     f"{statistics.mean(rows[label]['removed']):.1f}% of weights removed, Δ test "
+                     f"{statistics.mean(rows[label]['delta']):+.2f} pt (goal ≤ 0.1×: {'met' if f <= 0.1 else 'not met'}).")
     big = str(max(args.batch_sizes))
     for b, short in BACKENDS:
         def floor(k: str) -> float:
@@ -430,7 +428,7 @@ def model_section(name: str, seeds: list[dict], labels: list[str], args: argpars
                      f"pooling; the convolution alone {floor('conv1'):.2f}×); keeping {fewest.split(', ')[-1]} it is "
                      f"still {floor(fewest):.2f}×.")
     for peer in [l for l in labels if l.startswith("tp-")]:
-        for ours in [l for l in ("hybrid-channel",) if l in rows]:
+        for ours in [l for l in labels if l.startswith(("hybrid-channel", "obd-channel-macs"))]:
             a, b = rows[ours], rows[peer]
             lines.append(f"- {ours} vs {peer}: Δ test {statistics.mean(a['delta']):+.2f} vs {statistics.mean(b['delta']):+.2f} pt, "
                          f"weights {statistics.mean(a['weights']):.3f}× vs {statistics.mean(b['weights']):.3f}×, "
