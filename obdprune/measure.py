@@ -26,6 +26,7 @@ __all__ = [
     "count_weights",
     "count_nonzero_weights",
     "count_macs",
+    "macs_per_layer",
     "bytes_dense_fp32",
     "bytes_sparse",
     "bytes_onnx",
@@ -69,19 +70,24 @@ def count_macs(model: nn.Module, example_input: torch.Tensor, *, effective: bool
     number of output positions it is applied to. ``example_input`` has a batch dim (any size;
     the total is divided by it). Layers called twice count twice.
     """
+    return sum(macs_per_layer(model, example_input, effective=effective).values())
+
+
+def macs_per_layer(model: nn.Module, example_input: torch.Tensor, *, effective: bool = False) -> dict[str, int]:
+    """{module name: MACs per sample} of every Conv2d/Linear layer that runs (see :func:`count_macs`)."""
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
         raise UsageError("example_input must be a tensor with a batch dimension")
-    total = 0
+    names = {m: n for n, m in model.named_modules()}
+    totals: dict[str, int] = {}
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal total
         w = m.weight.detach()
         per_weight = int(torch.count_nonzero(w)) if effective else w.numel()
         if isinstance(m, nn.Conv2d):
             positions = math.prod(out.shape[2:])  # H_out * W_out
         else:
             positions = math.prod(args[0].shape[1:-1])  # 1 for a (N, in) input
-        total += per_weight * positions * out.shape[0]
+        totals[names[m]] = totals.get(names[m], 0) + per_weight * positions * out.shape[0]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED)]
     was_training = model.training
@@ -93,7 +99,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor, *, effective: bool
         for h in handles:
             h.remove()
         model.train(was_training)
-    return total // example_input.shape[0]
+    return {n: t // example_input.shape[0] for n, t in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------

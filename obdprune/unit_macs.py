@@ -28,6 +28,7 @@ from torch import nn
 from obdprune.errors import UsageError
 from obdprune.groups import UnitLayer, _checked_scores, removed_units, unit_floor, unit_keep_masks
 from obdprune.masking import PRUNABLE_TYPES, MaskSet
+from obdprune.measure import macs_per_layer
 
 __all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs"]
 
@@ -106,28 +107,11 @@ def mac_model(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence[U
     example_inputs: (N, C, H, W) batch the model accepts; one sample is run through it in eval mode
     (the model's mode is restored).
     """
-    names = {m: n for n, m in model.named_modules()}
-    macs: dict[str, int] = {}
-
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        positions = math.prod(out.shape[2:]) if isinstance(m, nn.Conv2d) else math.prod(args[0].shape[1:-1])
-        macs[names[m]] = macs.get(names[m], 0) + m.weight.numel() * positions
-
-    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model(example_inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    out = tuple(LayerMacs(names[m], macs[names[m]], m.weight.shape[0],
-                          m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
-                for m in layers if names[m] in macs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        macs = macs_per_layer(model, example_inputs[:1])
+    out = tuple(LayerMacs(n, macs[n], m.weight.shape[0], m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+                for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n in macs)
     return MacModel(out, tuple(groups))
 
 
