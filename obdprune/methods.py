@@ -9,8 +9,9 @@ Every method gets the same epochs: ``reg_epochs`` of training before the first r
 regularizer for ``l1``/``hybrid``, plain for the others), then ``finetune.epochs`` after every round.
 The sparsity path passes through every requested target; each round removes at most ``prune_step`` of
 the weights still present. With ``budget="macs"`` (channel granularity) the targets and the path count
-the share of the dense Conv/Linear MACs removed instead, and units go by score per MAC saved. Every round is scored on the validation split; ``max_drop`` keeps the last
-round whose validation accuracy stayed within the allowed drop. Test accuracy is only reported.
+the share of the dense Conv/Linear MACs removed instead, and units go by score per MAC saved. Every
+round is scored on the validation split; ``max_drop`` keeps the last round whose validation accuracy
+stayed within the allowed drop. Test accuracy is only reported.
 """
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ class PruneConfig:
     def __post_init__(self) -> None:
         Method.parse(self.method)
         Scope.parse(self.scope)
+        granularity = Granularity.parse(self.granularity)
         if self.l1_lambda is None:
-            object.__setattr__(self, "l1_lambda", DEFAULT_L1_LAMBDA[Granularity.parse(self.granularity)])
+            object.__setattr__(self, "l1_lambda", DEFAULT_L1_LAMBDA[granularity])
         if Budget.parse(self.budget) is Budget.MACS:
-            if Granularity.parse(self.granularity) is not Granularity.CHANNEL:
+            if granularity is not Granularity.CHANNEL:
                 raise UsageError("--budget macs needs --granularity channel (removing single weights saves no time)")
             if Scope.parse(self.scope) is not Scope.GLOBAL:
                 raise UsageError("--budget macs needs --scope global (one ranking of units across layers)")

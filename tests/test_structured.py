@@ -205,6 +205,8 @@ def test_granularity_is_parsed_with_the_valid_values():
     assert Granularity.parse("channel") is Granularity.CHANNEL
     with pytest.raises(UsageError, match="unknown granularity 'filter'; choose one of: element, channel"):
         PruneConfig(granularity="filter")
+    with pytest.raises(UsageError, match="unknown granularity 'filter'"):
+        PruneConfig(granularity="filter", l1_lambda=1e-3)
 
 
 # ---------------------------------------------------------------------- pruning loop + compaction
