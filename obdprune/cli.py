@@ -144,7 +144,7 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     if with_method:
         p.add_argument("--method", required=True, help="magnitude, l1, obd or hybrid")
     p.add_argument("--sparsity", type=_fraction_open, nargs="+", default=[], metavar="S",
-                   help="fraction(s) of Conv/Linear weights to remove")
+                   help="fraction(s) of Conv/Linear weights to remove (of their MACs with --budget macs)")
     p.add_argument("--max-drop", type=_points, default=None, metavar="PP",
                    help="remove as much as possible while validation accuracy stays within PP points of dense")
     p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer")
@@ -160,7 +160,7 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                         "convolution kernels on AVX2 CPUs")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
-                   help="at most this fraction of the remaining weights goes per round")
+                   help="at most this fraction of the remaining weights (MACs with --budget macs) goes per round")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
