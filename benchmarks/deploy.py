@@ -412,7 +412,7 @@ def model_section(name: str, seeds: list[dict], labels: list[str], args: argpars
         lines.append(f"- Fastest model within {args.max_drop} pt of dense on test (mean over seeds): **{best}**, "
                      f"onnxruntime batch 256 at {t:.2f}× dense by process CPU time"
                      + (f" (goal ≤ {goal}×: {'met' if t <= goal else 'not met'})." if goal else "."))
-    for label in [l for l in labels if l.endswith("-element")]:
+    for label in [l for l in labels if "-element" in l]:
         f = statistics.mean(rows[label]["sparse_file"])
         lines.append(f"- {label}: sparse file {f:.3f}× the dense fp32 file at "
                      f"{statistics.mean(rows[label]['removed']):.1f}% of weights removed, Δ test "
