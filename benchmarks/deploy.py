@@ -506,7 +506,7 @@ def main() -> None:
         labels_by_model[name] = ["dense", *map(variant_label, args.variants), *(f"tp-{i}" for i in args.peers)]
     budget = (f"`--max-drop {args.max_drop}` (validation points), {args.reg_epochs} epoch(s) before the first round "
               f"and {args.finetune_epochs} fine-tuning epoch(s) after each round (SGD, lr {args.finetune_lr}, cosine, "
-              f"batch {args.batch_size}) for obdprune and Torch-Pruning alike; prune step {args.prune_step}")
+              f"batch {args.batch_size}) for obdprune and Torch-Pruning alike; prune step {args.prune_step} (MAC-budget variants: {args.macs_prune_step} of the remaining MACs)")
     ratios = peer_config("magnitude", 0, args).ratios
     parts = [
         "## Deployment: compacted size, MACs and latency of pruned models, obdprune vs Torch-Pruning", "",
