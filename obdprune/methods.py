@@ -287,12 +287,13 @@ def prune_model(
         if not groups:
             raise UsageError("--granularity channel: no Conv/Linear layer of this model has units that can be removed")
         macs = mac_model(model, data.train.x[:1].to(device), groups)
+    counted = "MACs" if Budget.parse(cfg.budget) is Budget.MACS else "weights"
+    if counted == "MACs":
+        limit = macs.max_fraction_removed(cfg.layer_floor, cfg.channel_multiple)
+    elif groups is not None:
         limit = max_unit_sparsity(groups, total_prunable_weights(model), cfg.layer_floor, cfg.scope)
     else:
         limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
-    counted = "weights"
-    if Budget.parse(cfg.budget) is Budget.MACS:
-        limit, counted = macs.max_fraction_removed(cfg.layer_floor, cfg.channel_multiple), "MACs"
     too_far = [t for t in targets if t > limit]
     if too_far:
         raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with --layer-floor {cfg.layer_floor} "
