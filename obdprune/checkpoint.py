@@ -14,27 +14,24 @@ between steps and after every saved stage, and raises :class:`~obdprune.errors.I
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from obdprune.atomic import atomic_write, atomic_write_json
-from obdprune.errors import Interrupted, ModelFileError, UsageError
+from obdprune.errors import ModelFileError, UsageError
 from obdprune.masking import MaskSet
+from obdprune.runtime import check_stop
 
-__all__ = ["StudyState", "RoundStore", "RoundState", "deterministic", "stop_on_signals", "check_stop",
-           "normalized_args", "STATE_FILE"]
+__all__ = ["StudyState", "RoundStore", "RoundState", "normalized_args", "STATE_FILE"]
 
 STATE_FILE = "state.json"
 CHECKPOINTS = "checkpoints"
@@ -43,57 +40,6 @@ ROUND_FORMAT = "obdprune-round"
 # Arguments that change neither what is computed nor where it goes: resuming may change them.
 IGNORED_ARGS = frozenset({"resume", "no_progress", "threads"})
 PATH_ARGS = ("out", "data_dir", "run")
-
-# ---------------------------------------------------------------------------------------------- signals
-
-_stop_signal: int | None = None
-
-
-def check_stop() -> None:
-    """Raise Interrupted if SIGINT/SIGTERM arrived inside :func:`stop_on_signals`. Call at step boundaries."""
-    if _stop_signal is not None:
-        raise Interrupted(_stop_signal)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT/SIGTERM set a flag that :func:`check_stop` turns into Interrupted.
-
-    A second signal interrupts at once. Outside the main thread (where handlers cannot be set) this is a
-    no-op.
-    """
-    global _stop_signal
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        global _stop_signal
-        if _stop_signal is not None:
-            raise Interrupted(signum)
-        _stop_signal = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    _stop_signal = None
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        _stop_signal = None
-
-
-# ---------------------------------------------------------------------------------------------- determinism
-
-
-def deterministic() -> None:
-    """Make torch pick deterministic kernels, so one seed gives the same bits on the same machine."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # we never read uninitialized memory; skip the cost
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
 
 # ---------------------------------------------------------------------------------------------- arguments
 
@@ -132,7 +78,7 @@ def argument_differences(old: dict, new: dict) -> list[str]:
 class RoundState:
     """Where one method's pruning path stands after a finished round (round 0: after pre-round training).
 
-    ``results`` and ``held`` are :class:`obdprune.methods.PruneResult` objects with their state_dicts
+    ``results`` and ``held`` are :class:`obdprune.methods.PrunePoint` objects with their state_dicts
     and masks.
     """
 
@@ -169,7 +115,7 @@ class RoundStore:
 
     def load(self) -> RoundState | None:
         """The newest saved round, or None when the path has not started."""
-        from obdprune.methods import PruneResult
+        from obdprune.methods import PrunePoint
 
         name = self.state.round_files.get(self.key)
         if name is None:
@@ -181,9 +127,9 @@ class RoundStore:
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
             state, masks = _take(tensors, "")
 
-            def result(i: int | str, d: dict) -> PruneResult:
+            def result(i: int | str, d: dict) -> PrunePoint:
                 sd, m = _take(tensors, f"{i}/")
-                return PruneResult(**d, state_dict=sd, masks=m)
+                return PrunePoint(**d, state_dict=sd, masks=m)
 
             return RoundState(
                 round=int(meta["round"]), model_state=state, masks=masks, generator_state=tensors["generator"],
