@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from obdprune.curvature import (
-    CURVATURE_KINDS,
+    CurvatureKind,
     NegativeCurvature,
     apply_negative_curvature_policy,
     diag_empirical_fisher,
@@ -310,7 +310,7 @@ def _snapshot(model):
     }
 
 
-@pytest.mark.parametrize("kind", CURVATURE_KINDS + ("hessian-exact",))
+@pytest.mark.parametrize("kind", [k.value for k in CurvatureKind] + ["hessian-exact"])
 def test_model_is_left_untouched(kind):
     model, x, y = make("residual")
     model.head.weight.grad = torch.ones_like(model.head.weight)
@@ -426,7 +426,7 @@ def test_bad_arguments_are_usage_errors():
         diag_ggn(model, x, y, method="kfac")
     with pytest.raises(UsageError, match="exact, hutchinson"):
         diag_hessian(model, x, y, method="mc")
-    with pytest.raises(UsageError, match="exact, mc, empirical-fisher, hutchinson"):
+    with pytest.raises(UsageError, match="ggn, ggn-mc, empirical-fisher, hessian-hutchinson"):
         estimate_curvature("fisher", model, x, y)
     with pytest.raises(UsageError, match="batch_size"):
         diag_ggn(model, x, y, batch_size=0)
@@ -479,3 +479,11 @@ def test_cuda_matches_cpu():
     assert_close({k: v.cpu() for k, v in got.items()}, want, rtol=1e-10)
     h = diag_hessian(gpu, x.cuda(), y.cuda())
     assert_close({k: v.cpu() for k, v in h.items()}, diag_hessian(model, x, y), rtol=1e-10)
+
+
+@pytest.mark.parametrize("old, new", [("exact", "ggn"), ("mc", "ggn-mc"), ("hutchinson", "hessian-hutchinson")])
+def test_old_curvature_names_still_work_with_a_deprecation_note(old, new):
+    with pytest.warns(DeprecationWarning, match=f"now called '{new}'"):
+        assert CurvatureKind.parse(old) is CurvatureKind(new)
+    with pytest.raises(ValueError, match="choose one of: ggn, ggn-mc, empirical-fisher, hessian-hutchinson"):
+        CurvatureKind.parse("hessian")

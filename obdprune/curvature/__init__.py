@@ -8,14 +8,14 @@ parameters, their ``.grad``, its mode and its hooks are left as they were.
 - :func:`diag_empirical_fisher`: mean squared per-sample gradient with the true labels (biased).
 - :func:`diag_hessian`: true Hessian diagonal, exact (small models) or Hutchinson.
 """
-from obdprune.curvature.estimate import CURVATURE_KINDS, estimate_curvature
+from obdprune.curvature.estimate import CurvatureKind, estimate_curvature
 from obdprune.curvature.fisher import diag_empirical_fisher
 from obdprune.curvature.ggn import GGN_METHODS, diag_ggn
 from obdprune.curvature.hessian import HESSIAN_METHODS, diag_hessian
 from obdprune.curvature.policy import NegativeCurvature, apply_negative_curvature_policy
 
 __all__ = [
-    "CURVATURE_KINDS",
+    "CurvatureKind",
     "GGN_METHODS",
     "HESSIAN_METHODS",
     "NegativeCurvature",
