@@ -36,8 +36,8 @@ def main() -> None:
                           nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c2 * 16, h), nn.ReLU(),
                           nn.Linear(h, data.num_classes))
     cfg = TrainConfig(**{**run.manifest["train"], "seed": args.seed})
-    train(model, data.train.x, data.train.y, cfg, progress=False)
-    val, test = evaluate(model, data.val.x, data.val.y)[0], evaluate(model, data.test.x, data.test.y)[0]
+    train(model, data.train, cfg, progress=False)
+    val, test = evaluate(model, data.val)[0], evaluate(model, data.test)[0]
     m = run.manifest["metrics"]
     print(f"{c1}-{c2}-{h} from scratch ({cfg.epochs} epochs): val {100 * val:.2f}% test {100 * test:.2f}%; "
           f"dense val {100 * m['val_accuracy']:.2f}% test {100 * m['test_accuracy']:.2f}%")

@@ -168,7 +168,7 @@ def run_peer(dense: nn.Module, data: Any, cfg: PeerConfig, *, dense_val_accuracy
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     if cfg.reg_epochs:
-        train(model, data.train.x, data.train.y, replace(cfg.finetune, epochs=cfg.reg_epochs, seed=cfg.seed * 1000),
+        train(model, data.train, replace(cfg.finetune, epochs=cfg.reg_epochs, seed=cfg.seed * 1000),
               progress=False)
     rounds: list[dict[str, Any]] = []
     held: tuple[nn.Module, dict[str, Any]] | None = None
@@ -179,8 +179,8 @@ def run_peer(dense: nn.Module, data: Any, cfg: PeerConfig, *, dense_val_accuracy
             accumulate_hessian(imp, model, data.train.x[idx], data.train.y[idx])
         pruner.step()
         model.zero_grad(set_to_none=True)
-        train(model, data.train.x, data.train.y, replace(cfg.finetune, seed=cfg.seed * 1000 + k), progress=False)
-        val, _ = evaluate(model, data.val.x, data.val.y)
+        train(model, data.train, replace(cfg.finetune, seed=cfg.seed * 1000 + k), progress=False)
+        val, _ = evaluate(model, data.val)
         rec = {"round": k, "channel_ratio": ratio, "val_accuracy": val, "widths": layer_widths(model),
                "weights": count_weights(model), "sparsity": 1.0 - count_weights(model) / weights0,
                "seconds": time.perf_counter() - t0}
@@ -188,7 +188,7 @@ def run_peer(dense: nn.Module, data: Any, cfg: PeerConfig, *, dense_val_accuracy
         log(f"  tp-{cfg.importance} round {k}: channel ratio {ratio:.3f}, widths {rec['widths']}, "
             f"{100 * rec['sparsity']:.1f}% of weights removed, val {100 * val:.2f}%")
         if val >= dense_val_accuracy - cfg.max_drop / 100.0 - 1e-12:
-            test, _ = evaluate(model, data.test.x, data.test.y)
+            test, _ = evaluate(model, data.test)
             held = (copy.deepcopy(model).eval(), rec | {"test_accuracy": test})
         else:
             break

@@ -12,6 +12,12 @@ C = TypeVar("C", bound="Choice")
 class Choice(str, enum.Enum):
     """An option with a fixed set of string values; ``parse`` turns a typo into one line listing them."""
 
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
     @classmethod
     def label(cls) -> str:
         """What the option is called in error messages."""

@@ -139,7 +139,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int = 15) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
-    from obdprune.methods import CURVATURE_KINDS
+    from obdprune.curvature import CurvatureKind
 
     if with_method:
         p.add_argument("--method", required=True, help="magnitude, l1, obd or hybrid")
@@ -168,7 +168,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--l1-lambda", type=_nonneg_float, default=None,
                    help="L1 strength λ (group lasso for channel); default 2e-3 for element, 3e-4 for channel")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
-    p.add_argument("--curvature", default="exact", help=f"one of: {', '.join(CURVATURE_KINDS)}")
+    p.add_argument("--curvature", default="ggn",
+                   help=f"one of: {', '.join(c.value for c in CurvatureKind)} (exact GGN diagonal, its Monte Carlo "
+                        "estimate, mean squared per-sample gradient, Hutchinson Hessian diagonal); the old names "
+                        "exact, mc and hutchinson still work")
     p.add_argument("--curvature-samples", type=_positive_int, default=1024,
                    help="training images the curvature is computed on (a fresh random draw every round)")
     p.add_argument("--curvature-draws", type=_positive_int, default=None,
@@ -369,7 +372,7 @@ def cmd_prune(args) -> int:
     run = load_run(args.run)
     data = load_run_data(run, args.data_dir)
     single = len(args.sparsity) + (args.max_drop is not None) == 1
-    stage = f"prune:{cfg.method}"
+    stage = f"prune:{cfg.method.value}"
     results = state.done(stage)
     if results is None:
         try:
@@ -415,8 +418,8 @@ def cmd_evaluate(args) -> int:
     run = load_run(args.path)
     data = load_run_data(run, args.data_dir)
     device = _device(args.device)
-    val_acc, _ = evaluate(run.model, data.val.x, data.val.y, device=device)
-    test_acc, test_loss = evaluate(run.model, data.test.x, data.test.y, device=device)
+    val_acc, _ = evaluate(run.model, data.val, device=device)
+    test_acc, test_loss = evaluate(run.model, data.test, device=device)
     sparsity, nonzero, total = measured_sparsity(run.model)
     res = {"path": str(args.path), "model": run.manifest["model"]["name"], "dataset": data.name,
            "val_accuracy": val_acc, "test_accuracy": test_acc, "test_loss": test_loss,
@@ -558,9 +561,10 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
-    from obdprune.checkpoint import deterministic, stop_on_signals
+    from obdprune.runtime import deterministic, stop_on_signals
 
     warnings.formatwarning = _one_line_warning
+    warnings.filterwarnings("default", message="curvature .* is now called", category=DeprecationWarning)
 
     try:
         argv = sys.argv[1:] if argv is None else list(argv)

@@ -8,8 +8,11 @@ class ObdpruneError(Exception):
     exit_code = 1
 
 
-class UsageError(ObdpruneError):
-    """Bad arguments or options. Exit code 2."""
+class UsageError(ObdpruneError, ValueError):
+    """Bad arguments or options, with a hint how to fix them. Exit code 2 on the command line.
+
+    A ValueError, so ``except ValueError`` in user code catches it too.
+    """
 
     exit_code = 2
 

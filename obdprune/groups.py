@@ -279,7 +279,7 @@ def select_unit_masks(
             if g.units - n_remove < f:
                 raise UsageError(
                     f"sparsity {sparsity} would leave {g.layer!r} with {g.units - n_remove} of {g.units} units, "
-                    f"below its floor of {f}; lower the target or --layer-floor")
+                    f"below its floor of {f}; lower the target or the layer floor")
             s = torch.where(b, torch.full_like(s, -math.inf), s)
             keep.append(_keep_top(s, g.units - max(n_remove, int(b.sum()))))
     else:
@@ -299,7 +299,7 @@ def select_unit_masks(
         if n_target > removable:
             raise UsageError(
                 f"sparsity {sparsity} would remove {n_target} of {total_weights} weights but whole units can "
-                f"remove at most {removable} while every layer keeps its floor; lower the target or --layer-floor")
+                f"remove at most {removable} while every layer keeps its floor; lower the target or the layer floor")
         order = torch.argsort(index, stable=True)
         order = order[torch.argsort(owner[order], stable=True)]
         order = order[torch.argsort(key[order], stable=True)]

@@ -61,7 +61,13 @@ class MaskSet:
         return len(self.masks)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.masks:
+            some = ", ".join(list(self.masks)[:4])
+            raise UsageError(f"no mask for {name!r}; masks are keyed by parameter name, e.g. {some}")
         return self.masks[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.masks
 
     def items(self):
         return self.masks.items()
@@ -105,44 +111,31 @@ class MaskSet:
             if g is not None:
                 g.mul_(m.to(device=g.device, dtype=g.dtype))
 
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> "MaskHandle":
-        """Keep pruned weights exactly zero through every step of ``optimizer``.
-
-        Before each step the pruned gradients are zeroed (so momentum and Adam moments never grow for
-        them); after each step the pruned weights are zeroed again (weight decay, momentum carried
-        from before pruning, decoupled decay in AdamW). Works with any torch optimizer.
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        """Keep pruned weights exactly zero through every step of ``optimizer`` (any torch optimizer):
+        pruned gradients are zeroed before each step, pruned weights after it. Returns a handle with
+        ``remove()``. See :class:`obdprune.constraints.StepConstraints`, which also runs a proximal step.
         """
-        self.apply(model)
-        _zero_optimizer_state(optimizer, model, self)
-        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.mask_grads(model))
-        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(model))
-        return MaskHandle(pre, post)
+        from obdprune.constraints import StepConstraints  # constraints builds on MaskSet
+
+        return StepConstraints(model, self).attach(optimizer)
+
+    @torch.no_grad()
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Zero the optimizer's per-parameter buffers (momentum, Adam moments) at pruned entries."""
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        for p, state in optimizer.state.items():
+            name = by_id.get(id(p))
+            if name is None or name not in self.masks:
+                continue
+            m = self.masks[name].to(p.device)
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.mul_(m.to(value.dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Masks as uint8 tensors for safetensors."""
         return {n: m.to(torch.uint8).contiguous().cpu() for n, m in self.masks.items()}
-
-
-class MaskHandle:
-    def __init__(self, *handles):
-        self._handles = handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-@torch.no_grad()
-def _zero_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, masks: MaskSet) -> None:
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    for p, state in optimizer.state.items():
-        name = by_id.get(id(p))
-        if name is None or name not in masks.masks:
-            continue
-        m = masks[name].to(p.device)
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                value.mul_(m.to(value.dtype))
 
 
 def masks_from_weights(model: nn.Module) -> MaskSet:
@@ -192,7 +185,7 @@ def select_masks(
             if n - n_remove < floors[name]:
                 raise UsageError(
                     f"sparsity {sparsity} would leave {name!r} with {n - n_remove} of {n} weights, "
-                    f"below its floor of {floors[name]}; lower the target or --layer-floor")
+                    f"below its floor of {floors[name]}; lower the target or the layer floor")
             keep[name] = _keep_top(flat[name], n - n_remove)
     else:
         total = sum(t.numel() for t in flat.values())
@@ -201,7 +194,7 @@ def select_masks(
         if total - n_remove < protected:
             raise UsageError(
                 f"sparsity {sparsity} would remove {n_remove} of {total} weights but the per-layer floor "
-                f"keeps {protected}; a layer would be emptied. Lower the target or --layer-floor")
+                f"keeps {protected}; a layer would be emptied. Lower the target or the layer floor")
         # Protect each tensor's top-`floor` entries, then remove the globally lowest of the rest.
         cand_scores, cand_owner, cand_index = [], [], []
         for i, name in enumerate(names):

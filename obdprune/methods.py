@@ -12,6 +12,10 @@ the weights still present. With ``budget="macs"`` (channel granularity) the targ
 the share of the dense Conv/Linear MACs removed instead, and units go by score per MAC saved. Every
 round is scored on the validation split; ``max_drop`` keeps the last round whose validation accuracy
 stayed within the allowed drop. Test accuracy is only reported.
+
+:func:`prune_model` is the loop: plan the path, run the rounds (score → select → fine-tune → validate),
+choose. What differs between granularities lives in one :mod:`~obdprune.selection` selector; training
+phases run obdprune's own loop or the user's ``fine_tune(model, epochs)``.
 """
 from __future__ import annotations
 
@@ -19,25 +23,29 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from obdprune.batches import Batches, as_batches
 from obdprune.checkpoint import RoundState, RoundStore
-from obdprune.curvature import NegativeCurvature, estimate_curvature
 from obdprune.choices import Choice
+from obdprune.constraints import StepConstraints
+from obdprune.curvature import CurvatureKind, NegativeCurvature, estimate_curvature
 from obdprune.errors import ObdpruneError, UsageError
-from obdprune.groups import (Granularity, UnitLayer, group_parameters, max_unit_sparsity, select_unit_masks,
-                             total_prunable_weights, unit_groups)
-from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights, select_masks
-from obdprune.regularize import L1Mode, NoRegularizer, Regularizer, make_regularizer
-from obdprune.saliency import group_magnitude_saliency, group_saliency, magnitude_saliency, obd_saliency
+from obdprune.groups import Granularity
+from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
+from obdprune.regularize import L1Mode, NoRegularizer, Regularizer
+from obdprune.selection import Budget, Selector, make_selector
 from obdprune.train import TrainConfig, evaluate, train
-from obdprune.unit_macs import MacModel, mac_model, select_units_by_macs
 
-__all__ = ["Method", "Budget", "PruneConfig", "PruneResult", "sparsity_path", "prune_model", "measured_sparsity"]
+__all__ = ["Method", "Budget", "PruneConfig", "PrunePoint", "sparsity_path", "prune_model", "measured_sparsity",
+           "FineTune", "round_curvature", "sparsity_targets"]
+
+FineTune = Callable[[nn.Module, int], Any]
+"""A user's training phase: ``fine_tune(model, epochs)`` trains ``model`` in place for ``epochs`` epochs."""
 
 
 class Method(Choice):
@@ -57,66 +65,60 @@ class Method(Choice):
         return self in (Method.OBD, Method.HYBRID)
 
 
-CURVATURE_KINDS = ("exact", "mc", "empirical-fisher", "hutchinson")
-
-
 # Chosen on the validation split (BENCHMARKS.md): L1 on lenet5; group lasso on lenet5 and lenet5-caffe,
 # where 2e-3 zeroed so many units during the first regularized epoch that no round held 0.5 points.
 DEFAULT_L1_LAMBDA = {Granularity.ELEMENT: 2e-3, Granularity.CHANNEL: 3e-4}
 
-
-class Budget(Choice):
-    """What sparsity targets count: the share of Conv/Linear weights or of their MACs removed."""
-
-    WEIGHTS = "weights"
-    MACS = "macs"
+_CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budget": Budget, "l1_mode": L1Mode,
+            "curvature": CurvatureKind, "negative_curvature": NegativeCurvature}
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything that defines a pruning run besides the data and the dense weights."""
+    """Everything that defines a pruning run besides the data and the dense weights.
 
-    method: str = "hybrid"
-    scope: str = "global"
+    Options may be given as strings; they are parsed once here into their enums.
+
+    >>> PruneConfig(method="obd", granularity="channel").granularity
+    <Granularity.CHANNEL: 'channel'>
+    """
+
+    method: Method = Method.HYBRID
+    scope: Scope = Scope.GLOBAL
     layer_floor: float = 0.01
     prune_step: float = 0.6
     reg_epochs: int = 2
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.03, schedule="cosine"))
     l1_lambda: float | None = None  # None: DEFAULT_L1_LAMBDA of the granularity
-    l1_mode: str = "proximal"
-    curvature: str = "exact"
+    l1_mode: L1Mode = L1Mode.PROXIMAL
+    curvature: CurvatureKind = CurvatureKind.GGN
     curvature_samples: int = 1024
     curvature_draws: int | None = None
-    negative_curvature: str = "clamp"
+    negative_curvature: NegativeCurvature = NegativeCurvature.CLAMP
     max_sparsity: float = 0.99
     seed: int = 0
-    granularity: str = "element"
-    budget: str = "weights"
+    granularity: Granularity = Granularity.ELEMENT
+    budget: Budget = Budget.WEIGHTS
     channel_multiple: int = 1
 
     def __post_init__(self) -> None:
-        Method.parse(self.method)
-        Scope.parse(self.scope)
-        granularity = Granularity.parse(self.granularity)
+        for name, choice in _CHOICES.items():
+            object.__setattr__(self, name, choice.parse(getattr(self, name)))
         if self.l1_lambda is None:
-            object.__setattr__(self, "l1_lambda", DEFAULT_L1_LAMBDA[granularity])
-        if Budget.parse(self.budget) is Budget.MACS:
-            if granularity is not Granularity.CHANNEL:
-                raise UsageError("--budget macs needs --granularity channel (removing single weights saves no time)")
-            if Scope.parse(self.scope) is not Scope.GLOBAL:
-                raise UsageError("--budget macs needs --scope global (one ranking of units across layers)")
+            object.__setattr__(self, "l1_lambda", DEFAULT_L1_LAMBDA[self.granularity])
+        if self.budget is Budget.MACS:
+            if self.granularity is not Granularity.CHANNEL:
+                raise UsageError("a MAC budget needs channel granularity (removing single weights saves no time)")
+            if self.scope is not Scope.GLOBAL:
+                raise UsageError("a MAC budget needs global scope (one ranking of units across layers)")
         if self.channel_multiple < 1:
             raise UsageError(f"channel multiple must be >= 1, got {self.channel_multiple}")
-        if self.channel_multiple > 1 and Budget.parse(self.budget) is not Budget.MACS:
-            raise UsageError("--channel-multiple needs --budget macs")
-        L1Mode.parse(self.l1_mode)
-        NegativeCurvature.parse(self.negative_curvature)
-        if self.curvature not in CURVATURE_KINDS:
-            raise UsageError(f"unknown curvature {self.curvature!r}; choose one of: {', '.join(CURVATURE_KINDS)}")
-        if not 0.0 < self.prune_step < 1.0:
-            raise UsageError(f"prune step must be in (0, 1), got {self.prune_step}")
-        if not 0.0 < self.max_sparsity < 1.0:
-            raise UsageError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
+        if self.channel_multiple > 1 and self.budget is not Budget.MACS:
+            raise UsageError("a channel multiple needs the MAC budget (budget='macs')")
+        _check_fraction("prune step", self.prune_step)
+        _check_fraction("max sparsity", self.max_sparsity)
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise UsageError(f"layer floor is a fraction in [0, 1], got {self.layer_floor}")
         if self.reg_epochs < 0:
             raise UsageError(f"regularization epochs must be >= 0, got {self.reg_epochs}")
         if self.curvature_samples < 1:
@@ -127,7 +129,8 @@ class PruneConfig:
             raise UsageError(f"L1 strength must be a number >= 0, got {self.l1_lambda}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {k: (v.value if isinstance(v, Choice) else v) for k, v in d.items()}
         d["finetune"] = self.finetune.to_dict()
         return d
 
@@ -138,16 +141,25 @@ class PruneConfig:
         return cls(**d)
 
 
+def _check_fraction(what: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        hint = f"; give {value / 100:g}, not {value:g}" if 1.0 < value <= 100.0 else ""
+        raise UsageError(f"{what} must be a fraction in (0, 1), got {value}{hint}")
+
+
 @dataclass
-class PruneResult:
-    """One point of a method's path: the model state at a target (or the max-drop choice)."""
+class PrunePoint:
+    """One point of a method's path: the model state at a target (or the max-drop choice).
+
+    ``test_accuracy`` is None when no test data was given.
+    """
 
     method: str
     sparsity: float
     nonzero_weights: int
     weights: int
     val_accuracy: float
-    test_accuracy: float
+    test_accuracy: float | None
     seconds: float
     curvature_seconds: float
     round: int
@@ -159,9 +171,7 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("state_dict", "masks")}
-        if d["target_sparsity"] is None:
-            d.pop("target_sparsity")
-        for k in ("max_drop", "macs_removed"):
+        for k in ("target_sparsity", "max_drop", "macs_removed"):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -176,8 +186,7 @@ def sparsity_path(targets: list[float], prune_step: float, *, max_sparsity: floa
     """
     stops = sorted(set(float(t) for t in targets) | ({float(max_sparsity)} if max_sparsity else set()))
     for s in stops:
-        if not 0.0 < s < 1.0:
-            raise UsageError(f"sparsity targets must be in (0, 1), got {s}")
+        _check_fraction("a sparsity target", s)
     path: list[float] = []
     density = 1.0
     for stop in stops:
@@ -190,6 +199,24 @@ def sparsity_path(targets: list[float], prune_step: float, *, max_sparsity: floa
     return path
 
 
+def sparsity_targets(sparsity: float | Sequence[float] | None) -> list[float]:
+    """One fraction or a list of fractions in (0, 1) as a list; UsageError with a hint otherwise.
+
+    >>> sparsity_targets(0.9), sparsity_targets([0.5, 0.8])
+    ([0.9], [0.5, 0.8])
+    """
+    if sparsity is None:
+        return []
+    values = [sparsity] if isinstance(sparsity, (int, float)) else sparsity
+    try:
+        values = [float(s) for s in values]
+    except (TypeError, ValueError):
+        raise UsageError(f"sparsity must be a fraction or a list of fractions, got {sparsity!r}") from None
+    for s in values:
+        _check_fraction("a sparsity target", s)
+    return values
+
+
 def measured_sparsity(model: nn.Module) -> tuple[float, int, int]:
     """(fraction of Conv/Linear weights that are exactly zero, nonzero count, total count)."""
     ws = prunable_weights(model).values()
@@ -198,60 +225,95 @@ def measured_sparsity(model: nn.Module) -> tuple[float, int, int]:
     return 1.0 - nonzero / total, nonzero, total
 
 
-def max_feasible_sparsity(model: nn.Module, layer_floor: float, scope: str = "global") -> float:
-    """Largest sparsity :func:`select_masks` can reach while every layer keeps its floor."""
-    sizes = [w.numel() for w in prunable_weights(model).values()]
-    floors = [min(n, max(1, math.ceil(layer_floor * n))) for n in sizes]
-    if Scope.parse(scope) is Scope.LAYER:
-        return min(math.floor((1.0 - f / n) * 1e6) / 1e6 for f, n in zip(floors, sizes))
-    return math.floor((1.0 - sum(floors) / sum(sizes)) * 1e6) / 1e6
+# ---------------------------------------------------------------------------------------------- the loop
 
 
-def _regularizer(method: Method, cfg: PruneConfig, groups: list[UnitLayer] | None = None) -> Regularizer:
-    """L1 on every weight, or group lasso on the unit ``groups`` (channel granularity), for l1/hybrid."""
-    if not method.regularized:
-        return NoRegularizer()
-    return make_regularizer("l1" if groups is None else "group-lasso", cfg.l1_lambda, cfg.l1_mode, groups)
+@dataclass
+class _Splits:
+    train: Batches
+    val: Batches
+    test: Batches | None
 
 
-def _select(scores: dict, target: float, cfg: PruneConfig, current: MaskSet, model: nn.Module,
-            groups: list[UnitLayer] | None, macs: MacModel | None) -> MaskSet:
-    """Element masks from per-weight scores, or unit masks from per-unit scores (``groups`` given),
-    by weights or, for the MAC budget, by score per MAC saved."""
-    if groups is None:
-        return select_masks(scores, target, scope=cfg.scope, current=current, layer_floor=cfg.layer_floor)
-    if Budget.parse(cfg.budget) is Budget.MACS:
-        return select_units_by_macs(scores, macs, target, current=current, layer_floor=cfg.layer_floor,
-                                    multiple=cfg.channel_multiple)
-    return select_unit_masks(scores, groups, target, total_weights=total_prunable_weights(model), scope=cfg.scope,
-                             current=current, layer_floor=cfg.layer_floor)
+def _splits(data: Any) -> _Splits:
+    """An obdprune Dataset, or anything with train/val(/test) attributes, as batches."""
+    if not (hasattr(data, "train") and hasattr(data, "val")):
+        raise UsageError(f"data must have train and val splits (an obdprune Dataset), got {type(data).__name__}; "
+                         f"for your own data call obdprune.prune(model, train, val) with DataLoaders or "
+                         f"(inputs, targets) pairs")
+    test = getattr(data, "test", None)
+    return _Splits(as_batches(data.train, "train"), as_batches(data.val, "val"),
+                   as_batches(test, "test") if test is not None else None)
 
 
-def _saliency(method: Method, model: nn.Module, cfg: PruneConfig, x_curv: torch.Tensor, y_curv: torch.Tensor,
-              device: torch.device, generator: torch.Generator,
-              groups: list[UnitLayer] | None = None) -> tuple[dict, float]:
-    """Scores per weight ({weight name: like the weight}), or per unit ({layer: (units,)}) when ``groups``
-    are given (summed over each unit's weights, bias and BatchNorm parameters), and curvature seconds."""
-    weights = prunable_weights(model) if groups is None else group_parameters(model, groups)
-    if not method.second_order:
-        return (magnitude_saliency(weights) if groups is None else group_magnitude_saliency(weights, groups)), 0.0
+@dataclass
+class _Plan:
+    path: list[float]
+    targets: set[float]
+    last_target: float
+
+
+def _plan(selector: Selector, model: nn.Module, cfg: PruneConfig, targets: list[float],
+          max_drop: float | None) -> _Plan:
+    limit = selector.limit(model)
+    too_far = [t for t in targets if t > limit]
+    if too_far:
+        raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with a layer floor of "
+                         f"{cfg.layer_floor} and {cfg.scope.value} scope at most {limit:.4f} of the "
+                         f"{selector.counted} can go")
+    path = sparsity_path(targets, cfg.prune_step,
+                         max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
+    return _Plan(path, {round(t, 12) for t in targets}, max(targets) if targets else 0.0)
+
+
+def _phase_runner(cfg: PruneConfig, train_data: Batches, fine_tune: FineTune | None, device: torch.device,
+                  progress: bool) -> Callable[..., None]:
+    """``run(model, epochs, seed, desc, masks, regularizer)``: obdprune's loop, or the user's ``fine_tune``
+    with masks and the proximal step enforced after every step of any optimizer it creates."""
+    if fine_tune is None:
+        def run(model, epochs, seed, desc, masks, reg) -> None:
+            train(model, train_data, replace(cfg.finetune, epochs=epochs, seed=seed), masks=masks, regularizer=reg,
+                  device=device, progress=progress, desc=desc)
+        return run
+
+    def run_user(model, epochs, seed, desc, masks, reg) -> None:
+        with StepConstraints(model, masks, reg).every_optimizer():
+            fine_tune(model, epochs)
+    return run_user
+
+
+def round_curvature(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    """The curvature ``cfg`` asks for on ``x`` (N, ...), ``y`` (N,) in eval mode, checked finite, and its seconds."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    curv = estimate_curvature(cfg.curvature, model, x_curv.to(device), y_curv.to(device),
-                              samples=cfg.curvature_draws, generator=generator)
+    curv = estimate_curvature(cfg.curvature, model, x.to(device), y.to(device), samples=cfg.curvature_draws,
+                              generator=generator)
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    for name in weights:
-        if not torch.isfinite(curv[name]).all():
+    for name, h in curv.items():
+        if not torch.isfinite(h).all():
             raise ObdpruneError(f"curvature of {name!r} contains NaN or inf; the model may have diverged")
-    scores = obd_saliency(weights, {n: curv[n] for n in weights}, cfg.negative_curvature)
-    return (scores if groups is None else group_saliency(scores, groups)), seconds
+    return curv, seconds
+
+
+@dataclass
+class _Progress:
+    """Where a path stands: what a checkpoint saves after every round."""
+
+    masks: MaskSet
+    results: list[PrunePoint]
+    held: PrunePoint | None = None
+    failed: bool = False
+    stop: bool = False
+    round: int = 0
+    curvature_seconds: float = 0.0
 
 
 def prune_model(
     model: nn.Module,
-    data,
+    data: Any,
     cfg: PruneConfig,
     *,
     targets: list[float] = (),
@@ -261,136 +323,121 @@ def prune_model(
     progress: bool = True,
     on_round: Callable[[dict], None] | None = None,
     checkpoint: RoundStore | None = None,
-) -> list[PruneResult]:
-    """Run one method's path on a copy of ``model`` (left unchanged) and return its results.
+    fine_tune: FineTune | None = None,
+    example_inputs: torch.Tensor | None = None,
+) -> list[PrunePoint]:
+    """Run one method's path on a copy of ``model`` (left unchanged) and return its points.
 
-    data: an :class:`obdprune.data.Dataset` (train / val / test splits).
-    targets: sparsities to report (fractions of Conv/Linear weights removed).
+    data: an :class:`obdprune.data.Dataset`, or any object with ``train``, ``val`` and optionally ``test``
+      attributes that :func:`obdprune.batches.as_batches` accepts.
+    targets: sparsities to report (fractions of Conv/Linear weights, or MACs, removed).
     max_drop: percentage points of validation accuracy the result may lose against
-      ``dense_val_accuracy``; the last round that held is returned as the max-drop result.
-    Results hold CPU state_dicts and masks so callers can save the models.
+      ``dense_val_accuracy``; the last round that held is returned as the max-drop point.
+    fine_tune: the user's ``fine_tune(model, epochs)`` for every training phase instead of obdprune's loop.
     checkpoint: saves the state after every round and, if it holds one, continues after its last round.
+    Points hold CPU state_dicts and masks so callers can save the models.
     """
-    method = Method.parse(cfg.method)
+    targets = sparsity_targets(targets)
     if not targets and max_drop is None:
-        raise UsageError("give sparsity targets, --max-drop, or both")
+        raise UsageError("give sparsity targets, a max drop, or both")
     if max_drop is not None and not (0.0 <= max_drop <= 100.0):
-        raise UsageError(f"--max-drop is in percentage points and must be in [0, 100], got {max_drop}")
-    device = torch.device(device)
-    dense_model = model
-    model = copy.deepcopy(model).to(device)
+        raise UsageError(f"the max drop is in percentage points and must be in [0, 100], got {max_drop}")
+    if fine_tune is not None and cfg.method.regularized and cfg.l1_mode is L1Mode.PENALTY:
+        raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
+    method, device, splits = cfg.method, torch.device(device), _splits(data)
+    dense_model, model = model, copy.deepcopy(model).to(device)
+    example = (example_inputs if example_inputs is not None else splits.train.example()).to(device)
     if dense_val_accuracy is None:
-        dense_val_accuracy, _ = evaluate(model, data.val.x, data.val.y, device=device)
-    groups = macs = None
-    if Granularity.parse(cfg.granularity) is Granularity.CHANNEL:
-        groups = unit_groups(model, data.train.x[:1].to(device))
-        if not groups:
-            raise UsageError("--granularity channel: no Conv/Linear layer of this model has units that can be removed")
-        macs = mac_model(model, data.train.x[:1].to(device), groups)
-    counted = "MACs" if Budget.parse(cfg.budget) is Budget.MACS else "weights"
-    if counted == "MACs":
-        limit = macs.max_fraction_removed(cfg.layer_floor, cfg.channel_multiple)
-    elif groups is not None:
-        limit = max_unit_sparsity(groups, total_prunable_weights(model), cfg.layer_floor, cfg.scope)
-    else:
-        limit = max_feasible_sparsity(model, cfg.layer_floor, cfg.scope)
-    too_far = [t for t in targets if t > limit]
-    if too_far:
-        raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with --layer-floor {cfg.layer_floor} "
-                         f"and scope {cfg.scope} at most {limit:.4f} of the {counted} can go")
-    path = sparsity_path(list(targets), cfg.prune_step,
-                         max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
-    target_set = {round(t, 12) for t in targets}
-    last_target = max(targets) if targets else 0.0
-    reg = _regularizer(method, cfg, groups)
+        dense_val_accuracy, _ = evaluate(model, splits.val, device=device)
+    selector = make_selector(model, example, granularity=cfg.granularity, budget=cfg.budget, scope=cfg.scope,
+                             layer_floor=cfg.layer_floor, channel_multiple=cfg.channel_multiple)
+    plan = _plan(selector, model, cfg, targets, max_drop)
+    reg = selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
+    run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_curv = min(cfg.curvature_samples, data.train.x.shape[0])
-    masks = MaskSet.dense(model)
+    n_curv = min(cfg.curvature_samples, len(splits.train))
+    state = _Progress(MaskSet.dense(model), [])
     start = time.perf_counter()
-    curvature_seconds = 0.0
-    results: list[PruneResult] = []
-    held: PruneResult | None = None
-    failed = stop = False
 
-    def save_round(rnd: int) -> None:
+    def save() -> None:
         if checkpoint is not None:
-            checkpoint.save(RoundState(rnd, model.state_dict(), masks, gen.get_state(), results, held, failed, stop,
-                                       curvature_seconds, time.perf_counter() - start))
+            checkpoint.save(RoundState(state.round, model.state_dict(), state.masks, gen.get_state(), state.results,
+                                       state.held, state.failed, state.stop, state.curvature_seconds,
+                                       time.perf_counter() - start))
 
-    done = 0
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
         model.load_state_dict(resumed.model_state)
-        masks, results, held = resumed.masks.to(device), resumed.results, resumed.held
-        failed, stop, done = resumed.failed, resumed.stop, resumed.round
+        state = _Progress(resumed.masks.to(device), resumed.results, resumed.held, resumed.failed, resumed.stop,
+                          resumed.round, resumed.curvature_seconds)
         gen.set_state(resumed.generator_state)
-        curvature_seconds, start = resumed.curvature_seconds, start - resumed.seconds
+        start -= resumed.seconds
     elif cfg.reg_epochs:
-        train(model, data.train.x, data.train.y,
-              replace(cfg.finetune, epochs=cfg.reg_epochs, seed=cfg.seed * 1000),
-              masks=masks, regularizer=reg, device=device, progress=progress, desc=f"{method.value} regularize")
-        save_round(0)
+        run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method.value} regularize", state.masks, reg)
+        save()
 
-    for rnd, target in [] if stop else list(enumerate(path, start=1))[done:]:
-        idx = torch.randperm(data.train.x.shape[0], generator=gen)[:n_curv]
-        scores, secs = _saliency(method, model, cfg, data.train.x[idx], data.train.y[idx], device, gen, groups)
-        curvature_seconds += secs
-        masks = _select(scores, target, cfg, masks, model, groups, macs)
-        masks.apply(model)
-        train(model, data.train.x, data.train.y, replace(cfg.finetune, seed=cfg.seed * 1000 + rnd),
-              masks=masks, regularizer=reg, device=device, progress=progress,
-              desc=f"{method.value} {target:.3f}")
-        sparsity, nonzero, total = measured_sparsity(model)
-        val_acc, _ = evaluate(model, data.val.x, data.val.y, device=device)
-        macs_removed = macs.fraction_removed(masks) if macs is not None else None
-        record = {"method": method.value, "round": rnd, "target": target, "sparsity": sparsity,
-                  "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
-                  "curvature_seconds": curvature_seconds}
-        if macs_removed is not None:
-            record["macs_removed"] = macs_removed
+    for rnd, target in [] if state.stop else list(enumerate(plan.path, start=1))[state.round:]:
+        curv = None
+        if method.second_order:
+            x, y = splits.train.sample(n_curv, gen)
+            curv, seconds = round_curvature(model, cfg, x, y, device, gen)
+            state.curvature_seconds += seconds
+        scores = selector.scores(model, curv, cfg.negative_curvature)
+        state.masks = selector.select(scores, target, state.masks, model)
+        state.masks.apply(model)
+        run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method.value} {target:.3f}", state.masks, reg)
+        point = _measure_point(model, splits, method, state, selector, rnd, start, device)
         if on_round is not None:
-            on_round(record)
-
-        def snapshot(**kw) -> PruneResult:
-            test_acc, _ = evaluate(model, data.test.x, data.test.y, device=device)
-            return PruneResult(
-                method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
-                val_accuracy=val_acc, test_accuracy=test_acc, seconds=time.perf_counter() - start,
-                curvature_seconds=curvature_seconds, round=rnd, macs_removed=macs_removed,
-                state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                masks=masks.to("cpu"), **kw)
-
-        if round(target, 12) in target_set:
-            results.append(snapshot(target_sparsity=target))
-        if max_drop is not None and not failed:
-            if val_acc >= dense_val_accuracy - max_drop / 100.0 - 1e-12:
-                held = snapshot(max_drop=max_drop)
+            on_round({"method": method.value, "round": rnd, "target": target, "sparsity": point.sparsity,
+                      "macs": selector.macs(model, state.masks, example),
+                      "val_accuracy": point.val_accuracy, "seconds": point.seconds,
+                      "curvature_seconds": point.curvature_seconds}
+                     | ({"macs_removed": point.macs_removed} if point.macs_removed is not None else {}))
+        if round(target, 12) in plan.targets:
+            state.results.append(_with_test(point, model, splits, device, target_sparsity=target))
+        if max_drop is not None and not state.failed:
+            if point.val_accuracy >= dense_val_accuracy - max_drop / 100.0 - 1e-12:
+                state.held = _with_test(point, model, splits, device, max_drop=max_drop)
             else:
-                failed = True
-        stop = failed and target >= last_target
-        save_round(rnd)
-        if stop:
+                state.failed = True
+        state.round, state.stop = rnd, state.failed and target >= plan.last_target
+        save()
+        if state.stop:
             break
-    if max_drop is not None:
-        if held is None:
-            held = _unpruned_result(dense_model, data, method, max_drop, device, time.perf_counter() - start,
-                                    curvature_seconds)
-            warnings.warn(f"{method.value}: no pruning round kept validation accuracy within {max_drop} points of "
-                          f"the dense model; the max-drop result is the dense model itself (sparsity 0)",
-                          RuntimeWarning, stacklevel=2)
-        results.append(held)
-    return results
+    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, start)]
+                            if max_drop is not None else [])
 
 
-def _unpruned_result(dense: nn.Module, data, method: Method, max_drop: float, device: torch.device,
-                     seconds: float, curvature_seconds: float) -> PruneResult:
-    """Round 0 of a path: the dense weights, the step that always holds a max-drop budget."""
-    model = copy.deepcopy(dense).to(device)
-    val_acc, _ = evaluate(model, data.val.x, data.val.y, device=device)
-    test_acc, _ = evaluate(model, data.test.x, data.test.y, device=device)
+def _measure_point(model: nn.Module, splits: _Splits, method: Method, state: _Progress, selector: Selector,
+                   rnd: int, start: float, device: torch.device) -> PrunePoint:
     sparsity, nonzero, total = measured_sparsity(model)
-    return PruneResult(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
-                       val_accuracy=val_acc, test_accuracy=test_acc, seconds=seconds,
-                       curvature_seconds=curvature_seconds, round=0, max_drop=max_drop,
-                       state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    val_acc, _ = evaluate(model, splits.val, device=device)
+    return PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
+                      val_accuracy=val_acc, test_accuracy=None, seconds=time.perf_counter() - start,
+                      curvature_seconds=state.curvature_seconds, round=rnd,
+                      macs_removed=selector.macs_removed(state.masks), masks=state.masks)
+
+
+def _with_test(point: PrunePoint, model: nn.Module, splits: _Splits, device: torch.device, **kw) -> PrunePoint:
+    """The point as a result: test accuracy (reported only), a CPU copy of the weights and masks."""
+    test_acc = evaluate(model, splits.test, device=device)[0] if splits.test is not None else None
+    return replace(point, test_accuracy=test_acc, **kw,
+                   state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                   masks=point.masks.to("cpu"))
+
+
+def _choose_held(state: _Progress, dense: nn.Module, splits: _Splits, method: Method, max_drop: float,
+                 device: torch.device, start: float) -> PrunePoint:
+    """The max-drop point: the last round that held, else the dense weights (round 0, always holds)."""
+    if state.held is not None:
+        return state.held
+    warnings.warn(f"{method.value}: no pruning round kept validation accuracy within {max_drop} points of "
+                  f"the dense model; the max-drop result is the dense model itself (sparsity 0)",
+                  RuntimeWarning, stacklevel=3)
+    model = copy.deepcopy(dense).to(device)
+    sparsity, nonzero, total = measured_sparsity(model)
+    point = PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
+                       val_accuracy=evaluate(model, splits.val, device=device)[0], test_accuracy=None,
+                       seconds=time.perf_counter() - start, curvature_seconds=state.curvature_seconds, round=0,
                        masks=masks_from_weights(model))
+    return _with_test(point, model, splits, device, max_drop=max_drop)

@@ -13,7 +13,7 @@ step sets whole groups exactly to zero. The √|g| weight makes λ comparable wi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -27,6 +27,13 @@ __all__ = ["Regularizer", "NoRegularizer", "L1Penalty", "L1Proximal", "L1Mode", 
            "GroupLassoPenalty", "GroupLassoProximal", "SPARSE_REGULARIZERS", "make_regularizer"]
 
 
+LearningRate = Union[float, Callable[[str], float]]
+
+
+def _rate(lr: LearningRate, name: str) -> float:
+    return float(lr(name)) if callable(lr) else float(lr)
+
+
 class Regularizer:
     """Base class: override ``penalty`` and/or ``after_step``."""
 
@@ -35,7 +42,8 @@ class Regularizer:
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
-    def after_step(self, model: nn.Module, lr: float) -> None:
+    def after_step(self, model: nn.Module, lr: LearningRate) -> None:
+        """The proximal step after an optimizer step; ``lr`` is one rate, or a rate per parameter name."""
         return None
 
     def describe(self) -> dict:
@@ -74,9 +82,9 @@ class L1Proximal(Regularizer):
         self.lam = float(lam)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, lr: float) -> None:
-        t = lr * self.lam
-        for p in prunable_weights(model).values():
+    def after_step(self, model: nn.Module, lr: LearningRate) -> None:
+        for name, p in prunable_weights(model).items():
+            t = _rate(lr, name) * self.lam
             shrunk = p - t * torch.sign(p)
             p.copy_(torch.where(p.abs() > t, shrunk, torch.zeros_like(p)))  # exact +0.0 below the threshold
 
@@ -145,11 +153,11 @@ class GroupLassoProximal(Regularizer):
         self.lam, self.groups = float(lam), list(groups)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, lr: float) -> None:
+    def after_step(self, model: nn.Module, lr: LearningRate) -> None:
         for g in self.groups:
             rows = _group_rows(model, g)
             norm = torch.sqrt(sum(r.pow(2).sum(dim=1) for r in rows))  # (units,)
-            threshold = lr * self.lam * math.sqrt(g.group_size)
+            threshold = _rate(lr, g.weight) * self.lam * math.sqrt(g.group_size)
             # norm > threshold keeps 1 - t/norm; otherwise (zero norms included) the factor is 0
             factor = torch.where(norm > threshold, 1.0 - threshold / norm.clamp_min(threshold), torch.zeros_like(norm))
             for r in rows:

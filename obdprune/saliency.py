@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from obdprune.curvature import NegativeCurvature, apply_negative_curvature_policy
+from obdprune.errors import UsageError
 from obdprune.groups import UnitLayer
 
 __all__ = ["magnitude_saliency", "obd_saliency", "group_saliency", "group_magnitude_saliency"]
@@ -42,6 +43,9 @@ def obd_saliency(
     policy = NegativeCurvature.parse(policy) if isinstance(policy, str) else policy
     out = {}
     for name, w in weights.items():
+        if name not in curvature:
+            raise UsageError(f"no curvature for {name!r}; curvature is computed for parameters with "
+                             f"requires_grad=True, and {name!r} is one that pruning scores")
         h = curvature[name].detach().to(w.dtype)
         if h.shape != w.shape:
             raise ValueError(f"curvature of {name!r} has shape {tuple(h.shape)}, weight has {tuple(w.shape)}")

@@ -15,7 +15,7 @@ from torch import nn
 from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
 from obdprune.errors import DataError, ModelFileError, UsageError
-from obdprune.methods import Method, PruneConfig, PruneResult, measured_sparsity, prune_model
+from obdprune.methods import Method, PruneConfig, PrunePoint, measured_sparsity, prune_model
 from obdprune.models import build_model, model_spec
 from obdprune.report import write_study_outputs
 from obdprune.runfile import LoadedRun, load_run, save_run
@@ -63,8 +63,8 @@ def _dataset_entry(spec: dict, data: Dataset) -> dict:
 
 
 def _metrics(model: nn.Module, data: Dataset, device) -> dict:
-    val_acc, val_loss = evaluate(model, data.val.x, data.val.y, device=device)
-    test_acc, test_loss = evaluate(model, data.test.x, data.test.y, device=device)
+    val_acc, val_loss = evaluate(model, data.val, device=device)
+    test_acc, test_loss = evaluate(model, data.test, device=device)
     sparsity, nonzero, total = measured_sparsity(model)
     return {"val_accuracy": val_acc, "test_accuracy": test_acc, "val_loss": val_loss, "test_loss": test_loss,
             "weights": total, "nonzero_weights": nonzero, "sparsity": sparsity}
@@ -76,7 +76,7 @@ def train_dense(data: Dataset, spec: dict, model_name: str, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
     t0 = time.perf_counter()
-    history = train(model, data.train.x, data.train.y, cfg, device=device, progress=progress, desc="dense")
+    history = train(model, data.train, cfg, device=device, progress=progress, desc="dense")
     manifest = {
         "kind": "dense",
         "model": model_spec(model_name, data.input_shape, data.num_classes),
@@ -93,7 +93,7 @@ def train_dense(data: Dataset, spec: dict, model_name: str, cfg: TrainConfig, *,
     return model, manifest
 
 
-def result_label(r: PruneResult) -> str:
+def result_label(r: PrunePoint) -> str:
     if r.max_drop is not None:
         return f"{r.method}-maxdrop{r.max_drop:g}"
     return f"{r.method}-s{r.target_sparsity:.4g}"
@@ -114,7 +114,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
 
     ``checkpoint`` makes the pruning path resumable (see :func:`obdprune.methods.prune_model`).
 
-    Returns the results as summary dicts (see :class:`obdprune.methods.PruneResult`), each with its
+    Returns the results as summary dicts (see :class:`obdprune.methods.PrunePoint`), each with its
     ``path`` when saved.
     """
     model, manifest = (dense.model, dense.manifest) if isinstance(dense, LoadedRun) else dense
@@ -137,7 +137,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
                 "device": str(device),
                 "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]},
                 "prune": cfg.to_dict(),
-                "negative_curvature": cfg.negative_curvature,
+                "negative_curvature": cfg.negative_curvature.value,
                 "result": d,
                 "metrics": {"val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy,
                             "weights": r.weights, "nonzero_weights": r.nonzero_weights, "sparsity": r.sparsity},
@@ -172,7 +172,7 @@ def run_compare(
     ``state`` records each finished stage (dense training, every pruning round, every method); stages it
     already holds are skipped, so an interrupted study continues where it stopped."""
     if not targets and max_drop is None:
-        raise UsageError("give --sparsity targets, --max-drop, or both")
+        raise UsageError("give sparsity targets, a max drop, or both")
     methods = [Method.parse(m).value for m in methods]
     out = Path(out)
     if state is not None and state.done("dense"):

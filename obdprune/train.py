@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from obdprune.checkpoint import check_stop
+from obdprune.runtime import check_stop
 from obdprune.choices import Choice
 from obdprune.errors import TrainingDiverged, UsageError
+from obdprune.batches import Batches, as_batches
+from obdprune.constraints import StepConstraints
 from obdprune.masking import MaskSet
 from obdprune.progress import progress_bar
 from obdprune.regularize import NoRegularizer, Regularizer
@@ -46,15 +48,15 @@ class TrainConfig:
     epochs: int = 15
     lr: float = 0.05
     batch_size: int = 128
-    optimizer: str = "sgd"
+    optimizer: OptimizerName = OptimizerName.SGD
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "onecycle"
+    schedule: ScheduleName = ScheduleName.ONECYCLE
     seed: int = 0
 
     def __post_init__(self) -> None:
-        OptimizerName.parse(self.optimizer)
-        ScheduleName.parse(self.schedule)
+        object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
+        object.__setattr__(self, "schedule", ScheduleName.parse(self.schedule))
         if self.epochs < 0:
             raise UsageError(f"epochs must be >= 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -65,7 +67,7 @@ class TrainConfig:
             raise UsageError(f"weight decay must be >= 0, got {self.weight_decay}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: (v.value if isinstance(v, Choice) else v) for k, v in asdict(self).items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -74,7 +76,7 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    name = OptimizerName(cfg.optimizer)
+    name = cfg.optimizer
     if name is OptimizerName.SGD:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
@@ -84,7 +86,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
-    name = ScheduleName(cfg.schedule)
+    name = cfg.schedule
     if name is ScheduleName.ONECYCLE and steps > 1:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
     if name is ScheduleName.COSINE and steps > 0:
@@ -94,10 +96,9 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
 
 def train(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: Batches | tuple[torch.Tensor, torch.Tensor] | Iterable,
     cfg: TrainConfig,
-    *,
+    *extra: object,
     masks: MaskSet | None = None,
     regularizer: Regularizer | None = None,
     device: torch.device | str = "cpu",
@@ -105,33 +106,40 @@ def train(
     desc: str = "train",
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place on ``x`` (N, C, H, W), ``y`` (N,) with mean cross-entropy.
+    """Train ``model`` in place with mean cross-entropy on ``data``: an ``(x (N, ...), y (N,))`` pair
+    (shuffled here, seeded by ``cfg.seed``) or any re-iterable of batches such as a DataLoader.
 
     Pruned weights (``masks``) stay exactly zero after every optimizer step. The regularizer's penalty is
-    added to the loss and its proximal step runs after each optimizer step. Shuffling is seeded by
-    ``cfg.seed``. Returns one dict per epoch: ``{"epoch", "loss", "accuracy", "lr"}`` on training data.
-    Raises TrainingDiverged naming the epoch and step if the loss is NaN or infinite.
+    added to the loss and its proximal step runs after each optimizer step. Returns one dict per epoch:
+    ``{"epoch", "loss", "accuracy", "lr"}`` on training data. Raises TrainingDiverged naming the epoch
+    and step if the loss is NaN or infinite.
+
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    >>> x, y = torch.randn(8, 1, 2, 2), torch.tensor([0, 1] * 4)
+    >>> [h["epoch"] for h in train(model, (x, y), TrainConfig(epochs=2, batch_size=4), progress=False)]
+    [1, 2]
     """
+    if extra or not isinstance(cfg, TrainConfig):
+        raise UsageError(f"train(model, data, cfg): cfg must be a TrainConfig, got {type(cfg).__name__}; pass the "
+                         f"data as one argument: a DataLoader or an (inputs, targets) pair")
+    batches = as_batches(data, "training data")
     regularizer = regularizer or NoRegularizer()
     device = torch.device(device)
     model.to(device)
-    n = x.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = batches.steps_per_epoch(cfg.batch_size)
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
-    handle = masks.attach(opt, model) if masks is not None else None
+    sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs) if steps_per_epoch else None
+    handle = StepConstraints(model, masks, regularizer).attach(opt)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     try:
         for epoch in range(1, cfg.epochs + 1):
             model.train()
-            perm = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
             bar = progress_bar(total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg.epochs}", enabled=progress)
-            for step in range(steps_per_epoch):
+            for step, (xb, yb) in enumerate(batches.epoch(cfg.batch_size, gen)):
                 check_stop()  # SIGINT/SIGTERM: stop between steps, never inside one
-                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 if not torch.isfinite(loss):
@@ -144,11 +152,7 @@ def train(
                     total = loss + pen
                 opt.zero_grad(set_to_none=True)
                 total.backward()
-                opt.step()
-                lr_now = opt.param_groups[0]["lr"]
-                regularizer.after_step(model, lr_now)
-                if masks is not None:
-                    masks.apply(model)
+                opt.step()  # StepConstraints: masked gradients before, proximal step and masks after
                 if sched is not None:
                     sched.step()
                 bs = yb.shape[0]
@@ -165,24 +169,32 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, rec)
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
     return history
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Accuracy (fraction) and mean cross-entropy of ``model`` in eval mode on ``x`` (N, ...), ``y`` (N,)."""
+def evaluate(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor] | Iterable, *,
+             batch_size: int = 1000, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of ``model`` in eval mode on ``data``: an
+    ``(x (N, ...), y (N,))`` pair or a re-iterable of batches.
+
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    >>> acc, loss = evaluate(model, (torch.randn(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)))
+    >>> 0.0 <= acc <= 1.0
+    True
+    """
+    batches = as_batches(data, "evaluation data")
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    correct, loss_sum = 0, 0.0
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+    correct, loss_sum, n = 0, 0.0, 0
+    for xb, yb in batches.eval_batches(batch_size):
+        xb, yb = xb.to(device), yb.to(device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
+        n += int(yb.shape[0])
     model.train(was_training)
-    n = max(x.shape[0], 1)
+    n = max(n, 1)
     return correct / n, loss_sum / n

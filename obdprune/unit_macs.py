@@ -179,7 +179,7 @@ def select_units_by_macs(
             raise UsageError(
                 f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
                 f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple):.4f}); lower the target or "
-                f"--layer-floor")
+                f"the layer floor")
         _, i, after, block = best
         prev, now = now, after
         kept[i] -= block

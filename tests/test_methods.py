@@ -26,7 +26,7 @@ def test_sparsity_path_passes_through_targets_with_bounded_steps():
 def dense_digits(digits):
     torch.manual_seed(0)
     model = build_model("lenet300", digits.input_shape, digits.num_classes)
-    train(model, digits.train.x, digits.train.y, TrainConfig(epochs=3, lr=0.05, batch_size=64), progress=False)
+    train(model, digits.train, TrainConfig(epochs=3, lr=0.05, batch_size=64), progress=False)
     return model
 
 
@@ -64,8 +64,8 @@ def test_max_drop_chooses_on_validation_not_test(digits, dense_digits, monkeypat
     val_seq = iter([0.99, 0.985, 0.982, 0.90, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84])
     calls = {"rounds": 0}
 
-    def fake_evaluate(model, x, y, **kw):
-        if x is digits.val.x:
+    def fake_evaluate(model, data, **kw):
+        if data.x is digits.val.x:
             calls["rounds"] += 1
             return next(val_seq), 0.0
         # test accuracy rises with every round: a test-based choice would pick the last round
@@ -87,8 +87,8 @@ def test_targets_that_empty_a_layer_are_refused_before_training(digits, dense_di
 def test_max_drop_with_no_round_holding_returns_the_dense_model(digits, dense_digits, monkeypatch):
     val_seq = iter([0.5] * 20)
 
-    def fake_evaluate(model, x, y, **kw):
-        return (next(val_seq), 0.0) if x is digits.val.x else (0.42, 0.0)
+    def fake_evaluate(model, data, **kw):
+        return (next(val_seq), 0.0) if data.x is digits.val.x else (0.42, 0.0)
 
     monkeypatch.setattr(methods_mod, "evaluate", fake_evaluate)
     with pytest.warns(RuntimeWarning, match="dense model itself"):

@@ -176,7 +176,7 @@ def test_prune_model_resumes_after_any_round(tmp_path):
     data = load_dataset("digits", train_limit=500)
     torch.manual_seed(0)
     dense = build_model("lenet300", data.input_shape, data.num_classes)
-    train(dense, data.train.x, data.train.y, TrainConfig(epochs=1, batch_size=64), progress=False)
+    train(dense, data.train, TrainConfig(epochs=1, batch_size=64), progress=False)
     cfg = PruneConfig(method="hybrid", reg_epochs=1, curvature_samples=64,
                       finetune=TrainConfig(epochs=1, lr=0.01, batch_size=64, schedule="cosine"))
     kw = dict(targets=[0.5, 0.9], max_drop=3.0, progress=False)

@@ -218,7 +218,7 @@ def dense_models(digits):
     for name in ("lenet5", "vgg-small"):
         torch.manual_seed(0)
         model = build_model(name, digits.input_shape, digits.num_classes)
-        train(model, digits.train.x, digits.train.y, TrainConfig(epochs=1, lr=0.05, batch_size=64), progress=False)
+        train(model, digits.train, TrainConfig(epochs=1, lr=0.05, batch_size=64), progress=False)
         out[name] = model
     return out
 

@@ -216,13 +216,13 @@ def test_macs_budget_prunes_to_mac_targets_and_compacts_to_them(digits):
 
 
 def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys):
-    with pytest.raises(UsageError, match="--budget macs needs --granularity channel"):
+    with pytest.raises(UsageError, match="a MAC budget needs channel granularity"):
         PruneConfig(budget="macs")
-    with pytest.raises(UsageError, match="--budget macs needs --scope global"):
+    with pytest.raises(UsageError, match="a MAC budget needs global scope"):
         PruneConfig(budget="macs", granularity="channel", scope="layer")
     with pytest.raises(UsageError, match="unknown budget 'flops'; choose one of: weights, macs"):
         PruneConfig(budget="flops")
-    with pytest.raises(UsageError, match="--channel-multiple needs --budget macs"):
+    with pytest.raises(UsageError, match="a channel multiple needs the MAC budget"):
         PruneConfig(granularity="channel", channel_multiple=8)
     from obdprune.cli import main
 
@@ -233,7 +233,7 @@ def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys
     assert main(["prune", str(dense), "--method", "obd", "--budget", "macs", "--sparsity", "0.5",
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "obdprune: error: --budget macs needs --granularity channel (removing single weights saves no time)"
+    assert err == "obdprune: error: a MAC budget needs channel granularity (removing single weights saves no time)"
 
 
 def test_report_shows_mac_targets_and_macs_removed():

@@ -81,7 +81,7 @@ def find_data_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
         return Path(sklearn.datasets.__file__).parent / "data"
     if name == "idx" and data_dir is None:
-        raise UsageError("dataset 'idx' needs a data folder (data_dir / --data-dir) holding the four IDX files")
+        raise UsageError("dataset 'idx' needs a data folder (data_dir) holding the four IDX files")
     tried = []
     for folder in candidate_dirs(name, data_dir):
         found = _usable(name, folder)
