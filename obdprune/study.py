@@ -16,7 +16,7 @@ from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
 from obdprune.errors import DataError, ModelFileError, UsageError
 from obdprune.methods import Method, PruneConfig, PruneResult, measured_sparsity, prune_model
-from obdprune.models import build_model, model_spec
+from obdprune.models import build_model, model_spec, rebuild_model
 from obdprune.report import write_study_outputs
 from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.train import TrainConfig, evaluate, train
@@ -125,8 +125,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
     for r in results:
         d = r.to_dict()
         if out_dir is not None:
-            pruned = build_model(manifest["model"]["name"], tuple(manifest["model"]["input_shape"]),
-                                 manifest["model"]["num_classes"])
+            pruned = rebuild_model(manifest["model"])
             pruned.load_state_dict(r.state_dict)
             path = Path(out_dir) / result_label(r)
             run_manifest = {
