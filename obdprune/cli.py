@@ -127,8 +127,12 @@ def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     from obdprune.data import DATASETS
 
-    p.add_argument("--dataset", required=required, help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--dataset", required=required,
+                   help=f"one of: {', '.join(DATASETS)}. folder: your images as DIR/train/<class>/*.png|jpg and "
+                        f"DIR/test/<class>/*; npz: your arrays x_train, y_train, x_test, y_test in FILE.npz")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (for npz: the .npz file)")
+    p.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
+                   help="with --dataset folder: resize every image to H x W (else all must share one size)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of training images held out for validation")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use a stratified subset of the training set")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="use a stratified subset of the test set")
@@ -338,7 +342,7 @@ def cmd_train(args) -> int:
     check_replaceable(out)
     cfg = _train_cfg(args)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     try:
         _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
@@ -440,7 +444,7 @@ def cmd_compare(args) -> int:
     out = _check_out(args.out)
     state = StudyState.open(out, "compare", normalized_args(args), resume=args.resume)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     try:
         summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
@@ -487,7 +491,7 @@ def cmd_import_torch(args) -> int:
     check_replaceable(out)
     sd = read_state_dict(args.file)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     manifest = import_torch(sd, args.file, args.model, data, spec, out=out, device=_device(args.device))
     m = manifest["metrics"]
