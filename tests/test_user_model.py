@@ -52,6 +52,7 @@ def not_a_module():
 
 
 NOT_CALLABLE = 3
+from os import getcwd as imported_elsewhere
 """
 
 
@@ -63,7 +64,7 @@ def net_file(tmp_path):
 
 
 @pytest.mark.parametrize("factory, classes", [("with_kwargs", 5), ("without_args", 3), ("any_kwargs", 5),
-                                              ("classes_only", 5)])
+                                              ("classes_only", 5), ("Net", 5)])
 def test_factory_gets_the_arguments_its_signature_takes(net_file, factory, classes):
     model = build_model(f"{net_file}:{factory}", (3, 2, 2), 5)
     assert isinstance(model, nn.Module)
@@ -116,6 +117,7 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     (":raises", r"raises\(input_shape=\(1, 2, 2\), num_classes=3\) raised RuntimeError: no GPU found"),
     (":not_a_module", "returned int, not a torch.nn.Module"),
     (":NOT_CALLABLE", "not a callable factory"),
+    (":imported_elsewhere", "imported_elsewhere is defined in posix, not in .*net.py; name the file that defines"),
 ])
 def test_factory_mistakes_are_one_line_usage_errors(net_file, suffix, match):
     with pytest.raises(UsageError, match=match) as e:

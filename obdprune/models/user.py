@@ -5,7 +5,8 @@ A run made from such a model records the spec with the absolute path and the SHA
 ran; reloading the run checks the file against that hash before running it again, so a run never
 silently gets a different architecture.
 
-``FACTORY`` is called with ``input_shape=(C, H, W)`` and ``num_classes=K`` when its signature takes
+``FACTORY`` must be defined in that file (a function or an ``nn.Module`` class), so the hash covers it.
+It is called with ``input_shape=(C, H, W)`` and ``num_classes=K`` when its signature takes
 these keywords (or ``**kwargs``), with only the ones it takes otherwise, and must return an
 ``nn.Module``.
 """
@@ -184,6 +185,9 @@ def build_user_model(user: UserModel, input_shape: tuple[int, int, int], num_cla
         raise error(f"model {user.spec!r}: {user.file} defines no {user.factory!r}")
     if not callable(fn):
         raise error(f"model {user.spec!r}: {user.factory} is a {type(fn).__name__}, not a callable factory")
+    if getattr(fn, "__module__", None) != module.__name__:  # else the recorded hash would not cover it
+        raise error(f"model {user.spec!r}: {user.factory} is defined in {getattr(fn, '__module__', None)}, not in "
+                    f"{user.file}; name the file that defines the factory")
     return _call_factory(fn, user, input_shape, num_classes, error)
 
 
