@@ -15,6 +15,9 @@ from obdprune.errors import Interrupted, ObdpruneError, UsageError
 
 RESUME_HELP = "continue an interrupted run (same arguments) after its last finished stage"
 STOPPABLE = ("train", "prune", "compare", "import-torch")  # SIGINT/SIGTERM stop these at a step boundary
+MODEL_HELP = ("lenet300, lenet5, lenet5-caffe, vgg-small, or your own as FILE.py:FACTORY or package.module:FACTORY "
+              "(FACTORY(input_shape=(C, H, W), num_classes=K) -> nn.Module). Your file is trusted code: it is run, like "
+              "running a script; runs record its SHA-256 and are refused if it changes")
 DEMO = dict(dataset="fashion-mnist", model="lenet5", epochs=6, sparsity=[0.76, 0.9, 0.95], finetune_epochs=1,
             reg_epochs=1, measure_repeats=10, out="obdprune-demo")
 
@@ -124,8 +127,12 @@ def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     from obdprune.data import DATASETS
 
-    p.add_argument("--dataset", required=required, help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--dataset", required=required,
+                   help=f"one of: {', '.join(DATASETS)}. folder: your images as DIR/train/<class>/*.png|jpg and "
+                        f"DIR/test/<class>/*; npz: your arrays x_train, y_train, x_test, y_test in FILE.npz")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (for npz: the .npz file)")
+    p.add_argument("--image-size", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
+                   help="with --dataset folder: resize every image to H x W (else all must share one size)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of training images held out for validation")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use a stratified subset of the training set")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="use a stratified subset of the test set")
@@ -191,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a dense model and save it as a run folder")
     _add_data(p)
-    p.add_argument("--model", required=True, help="lenet300, lenet5, lenet5-caffe or vgg-small")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     _add_train(p)
     _add_common(p, lr=0.05)
     p.add_argument("--out", required=True, help="run folder to write")
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train once, run every method at every target, write a report")
     _add_data(p)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     _add_train(p)
     _add_prune(p, with_method=False)
     p.add_argument("--methods", nargs="+", default=["magnitude", "l1", "obd", "hybrid"])
@@ -240,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-torch", help="convert a trusted PyTorch state_dict file (.pt/.pth) into a run folder")
     p.add_argument("file", help="file written by torch.save(model.state_dict(), FILE); read with weights_only=True")
-    p.add_argument("--model", required=True, help="the architecture the state_dict belongs to")
+    p.add_argument("--model", required=True, help="the architecture the state_dict belongs to: " + MODEL_HELP)
     _add_data(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -338,7 +345,7 @@ def cmd_train(args) -> int:
     check_replaceable(out)
     cfg = _train_cfg(args)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     try:
         _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
@@ -440,7 +447,7 @@ def cmd_compare(args) -> int:
     out = _check_out(args.out)
     state = StudyState.open(out, "compare", normalized_args(args), resume=args.resume)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     try:
         summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
@@ -478,17 +485,16 @@ def cmd_demo(args) -> int:
 
 def cmd_import_torch(args) -> int:
     from obdprune.importer import import_torch, read_state_dict
-    from obdprune.models import MODELS
+    from obdprune.models import check_model_name
     from obdprune.runfile import check_replaceable
     from obdprune.study import DataSpec, load_data
 
-    if args.model not in MODELS:
-        raise UsageError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
+    check_model_name(args.model)
     out = _check_out(args.out)
     check_replaceable(out)
     sd = read_state_dict(args.file)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit)
+                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
     data = load_data(spec)
     manifest = import_torch(sd, args.file, args.model, data, spec, out=out, device=_device(args.device))
     m = manifest["metrics"]
@@ -524,14 +530,14 @@ def cmd_bench(args) -> int:
     import torch
 
     from obdprune.deploy import measure_models, speed_table
-    from obdprune.models import build_model
+    from obdprune.models import rebuild_model
     from obdprune.runfile import load_run
 
     run = load_run(args.run)
     spec = run.manifest["model"]
     shape = tuple(spec["input_shape"])
     torch.manual_seed(0)
-    dense = build_model(spec["name"], shape, spec["num_classes"])  # same architecture, no zeros
+    dense = rebuild_model(spec)  # same architecture, no zeros
     check = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
     m = measure_models({"dense": dense, "run": run.model}, shape, check_inputs=check, batch_sizes=args.batch_sizes,
                        repeats=args.repeats, threads=args.threads)

@@ -17,7 +17,7 @@ from torch import nn
 
 from obdprune.data import Dataset
 from obdprune.errors import ModelFileError, UsageError
-from obdprune.models import MODELS, build_model, model_spec
+from obdprune.models import build_model, model_spec
 from obdprune.runfile import save_run
 
 __all__ = ["read_state_dict", "load_into", "import_torch"]
@@ -99,8 +99,6 @@ def import_torch(sd: Mapping[str, torch.Tensor], source: str | Path, model_name:
     """
     from obdprune.study import _dataset_entry, _metrics
 
-    if model_name not in MODELS:
-        raise UsageError(f"unknown model {model_name!r}; choose one of: {', '.join(MODELS)}")
     model = build_model(model_name, data.input_shape, data.num_classes)
     where = f"{source} as {model_name} for {'x'.join(map(str, data.input_shape))} images, {data.num_classes} classes"
     load_into(model, sd, where)

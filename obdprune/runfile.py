@@ -21,7 +21,7 @@ import obdprune
 from obdprune.atomic import atomic_folder, atomic_write, atomic_write_json
 from obdprune.errors import ModelFileError, UsageError
 from obdprune.masking import MaskSet
-from obdprune.models import MODELS, build_model
+from obdprune.models import is_user_spec, rebuild_model
 
 __all__ = ["save_run", "load_run", "LoadedRun", "PICKLE_SUFFIXES", "versions", "refuse_pickle", "check_replaceable"]
 
@@ -189,36 +189,38 @@ def refuse_any_pickle_in(folder: Path) -> None:
 
 
 def _build_from_manifest(manifest: dict, where: Path, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the manifest's model; its shapes are checked against ``tensors`` on the meta device first, so
-    a tampered manifest cannot make us allocate more than the file itself holds."""
+    """Build the manifest's model; a reference model's shapes are checked against ``tensors`` on the meta
+    device first, so a tampered manifest cannot make us allocate more than the file itself holds. A user
+    model is built directly: its factory may compute with tensors, which meta tensors cannot."""
     spec = manifest.get("model")
-    if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
-        raise ModelFileError(f"{where}: manifest 'model' must hold name, input_shape and num_classes")
-    if not isinstance(spec["name"], str) or spec["name"] not in MODELS:
-        raise ModelFileError(f"{where}: unknown model {spec['name']!r} in manifest; known: {', '.join(MODELS)}")
+    user_code = isinstance(spec, dict) and is_user_spec(spec.get("name"))
     try:
-        if not isinstance(spec["input_shape"], list) or isinstance(spec["num_classes"], (bool, float)):
-            raise TypeError("input_shape must be a list and num_classes an integer")
-        shape = tuple(int(s) for s in spec["input_shape"])
-        classes = int(spec["num_classes"])
-        with torch.device("meta"):
-            skeleton = build_model(spec["name"], shape, classes)
-    except (TypeError, ValueError, OverflowError, RuntimeError, UsageError) as e:
+        if user_code:
+            model = rebuild_model(spec)
+        else:
+            with torch.device("meta"):
+                skeleton = rebuild_model(spec)
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
+    if user_code:
+        _check_names_and_shapes(model.state_dict(), tensors, where)
+        return model
     _check_names_and_shapes(skeleton.state_dict(), tensors, where)
-    return build_model(spec["name"], shape, classes)
+    return rebuild_model(spec)
 
 
 def _build_compacted(manifest: dict, where: Path, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """A compacted model: the manifest's architecture with its layers resized to the stored shapes."""
     from obdprune.compact import resize_to_state_dict
 
-    spec = manifest.get("model") or {}
+    spec = manifest.get("model")
     try:
-        shape = tuple(int(s) for s in spec["input_shape"])
-        dense = build_model(spec["name"], shape, int(spec["num_classes"]))
-    except (KeyError, TypeError, ValueError, UsageError) as e:
-        raise ModelFileError(f"{where}: manifest model description is invalid ({e})") from None
+        dense = rebuild_model(spec)
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
+    shape = tuple(int(s) for s in spec["input_shape"])
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelFileError(f"{where}: tensor {k!r} contains NaN or inf")

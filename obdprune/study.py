@@ -4,6 +4,7 @@ The CLI is a thin layer over these functions; they are also the Python API for s
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
 from obdprune.errors import DataError, ModelFileError, UsageError
 from obdprune.methods import Method, PruneConfig, PrunePoint, measured_sparsity, prune_model
-from obdprune.models import build_model, model_spec
+from obdprune.models import build_model, model_spec, rebuild_model
 from obdprune.report import write_study_outputs
 from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.train import TrainConfig, evaluate, train
@@ -29,15 +30,22 @@ class DataSpec(dict):
 
     @classmethod
     def make(cls, name: str, data_dir: str | None = None, *, val_fraction: float = 0.1,
-             train_limit: int | None = None, test_limit: int | None = None) -> "DataSpec":
-        return cls(name=name, data_dir=str(data_dir) if data_dir else None, val_fraction=val_fraction,
-                   train_limit=train_limit, test_limit=test_limit)
+             train_limit: int | None = None, test_limit: int | None = None,
+             image_size: Sequence[int] | None = None) -> "DataSpec":
+        """``data_dir`` is recorded as an absolute path, so a run reloads its data from any folder."""
+        spec = cls(name=name, data_dir=os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None,
+                   val_fraction=val_fraction, train_limit=train_limit, test_limit=test_limit)
+        if image_size is not None:
+            spec["image_size"] = [int(s) for s in image_size]
+        return spec
 
 
 def load_data(spec: dict, data_dir: str | None = None) -> Dataset:
     """Load the dataset a DataSpec (or a manifest's ``dataset`` entry) describes; ``data_dir`` overrides."""
+    size = spec.get("image_size")
     return load_dataset(spec["name"], data_dir or spec.get("data_dir"), val_fraction=spec.get("val_fraction", 0.1),
-                        train_limit=spec.get("train_limit"), test_limit=spec.get("test_limit"))
+                        train_limit=spec.get("train_limit"), test_limit=spec.get("test_limit"),
+                        image_size=tuple(size) if isinstance(size, list) else size)
 
 
 def load_run_data(run: LoadedRun, data_dir: str | None = None) -> Dataset:
@@ -59,6 +67,7 @@ def load_run_data(run: LoadedRun, data_dir: str | None = None) -> Dataset:
 def _dataset_entry(spec: dict, data: Dataset) -> dict:
     return {**spec, "source": data.source, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
+            "pixel_scale": data.pixel_scale,
             "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
 
 
@@ -125,8 +134,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
     for r in results:
         d = r.to_dict()
         if out_dir is not None:
-            pruned = build_model(manifest["model"]["name"], tuple(manifest["model"]["input_shape"]),
-                                 manifest["model"]["num_classes"])
+            pruned = rebuild_model(manifest["model"])
             pruned.load_state_dict(r.state_dict)
             path = Path(out_dir) / result_label(r)
             run_manifest = {

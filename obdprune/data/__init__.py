@@ -1,4 +1,5 @@
-"""Datasets for obdprune: Fashion-MNIST, MNIST, any IDX folder, sklearn digits, CIFAR-10.
+"""Datasets for obdprune: Fashion-MNIST, MNIST, any IDX folder, sklearn digits, CIFAR-10, and the user's
+own images as an ImageFolder-style folder (``folder``) or arrays in an ``.npz`` file (``npz``).
 
 ``load_dataset(name)`` finds the files (see :func:`find_data_dir`), checks them strictly, carves a
 stratified validation split off the training set with a fixed seed, and normalizes every split with
@@ -16,8 +17,10 @@ import torch
 
 from obdprune.data import cifar
 from obdprune.data.download import download_dataset
+from obdprune.data.folder import check_image_size, load_image_folder
 from obdprune.data.idx import load_idx_folder, read_idx
 from obdprune.data.locate import DATASETS, canonical_name, find_data_dir, user_cache_dir
+from obdprune.data.npz import load_npz
 from obdprune.data.splits import (
     DIGITS_TEST_SEED,
     channel_stats,
@@ -35,6 +38,8 @@ __all__ = [
     "download_dataset",
     "find_data_dir",
     "load_dataset",
+    "load_image_folder",
+    "load_npz",
     "read_idx",
     "user_cache_dir",
 ]
@@ -47,7 +52,7 @@ _DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 @dataclass
 class _Raw:
-    x_train: np.ndarray  # (N, C, H, W) uint8
+    x_train: np.ndarray  # (N, C, H, W) uint8 (float32 from an npz of floats, with pixel_scale 1)
     y_train: np.ndarray  # (N,) int64
     x_test: np.ndarray
     y_test: np.ndarray
@@ -58,7 +63,17 @@ class _Raw:
     pixel_scale: float = 255.0
 
 
-def _load_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
+def _load_raw(name: str, data_dir: str | os.PathLike | None, image_size: tuple[int, int] | None) -> _Raw:
+    if image_size is not None and name != "folder":
+        raise UsageError(f"image_size resizes the images of the folder dataset; {name} images keep their size")
+    if name == "folder":
+        folder = find_data_dir(name, data_dir)
+        x_tr, y_tr, x_te, y_te, names = load_image_folder(folder, image_size)
+        return _Raw(x_tr, y_tr, x_te, y_te, str(folder), str(folder / "train"), str(folder / "test"), names)
+    if name == "npz":
+        file = find_data_dir(name, data_dir)
+        x_tr, y_tr, x_te, y_te, scale, names = load_npz(file)
+        return _Raw(x_tr, y_tr, x_te, y_te, str(file), f"{file}: y_train", f"{file}: y_test", names, scale)
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -95,8 +110,13 @@ def load_dataset(
     val_fraction: float = 0.1,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Dataset:
     """Load ``name`` (one of DATASETS) → Dataset with normalized float32 (N, C, H, W) splits.
+
+    ``folder`` reads ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` images (see
+    :func:`load_image_folder`; ``image_size`` = (H, W) resizes them); ``npz`` reads the arrays of the
+    file ``data_dir`` (see :func:`load_npz`).
 
     ``train_limit``/``test_limit`` take deterministic class-stratified subsets of the training and
     test files; then ``val_fraction`` of the (limited) training images is carved off, stratified,
@@ -110,7 +130,7 @@ def load_dataset(
     _check_limit(train_limit, "train_limit")
     _check_limit(test_limit, "test_limit")
 
-    raw = _load_raw(name, data_dir)
+    raw = _load_raw(name, data_dir, check_image_size(image_size))
     num_classes = int(raw.y_train.max()) + 1
     if raw.names is not None and num_classes > len(raw.names):
         raise DataError(

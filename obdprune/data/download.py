@@ -172,7 +172,7 @@ def download_dataset(
     """
     name = canonical_name(name)
     if name not in SOURCES:
-        why = "it is bundled with scikit-learn" if name == "digits" else "bring your own IDX files"
+        why = "it is bundled with scikit-learn" if name == "digits" else f"bring your own {name} files"
         raise UsageError(f"dataset {name!r} has nothing to download ({why}); downloadable: {', '.join(SOURCES)}")
     dest = Path(dest).expanduser() if dest is not None else user_cache_dir() / name
     mirrors = _mirrors(name, base_url)

@@ -8,7 +8,11 @@ from obdprune.data import cifar
 from obdprune.data.idx import IDX_FILES, find_idx_file
 from obdprune.errors import DataError, UsageError
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "idx", "digits", "cifar10")
+DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "idx", "digits", "cifar10", "folder", "npz")
+USER_DATA = {  # datasets that are the user's own files, at the path data_dir names
+    "folder": "a folder holding train/<class>/*.png|jpg and test/<class>/*",
+    "npz": "an .npz file holding x_train, y_train, x_test, y_test",
+}
 DEBIAN_DIR = Path("/usr/share/datasets")
 ENV_DATA = "OBDPRUNE_DATA"
 _DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
@@ -76,6 +80,10 @@ def find_data_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     Raises DataError listing every place tried, what was missing there and how to get the data.
     """
     name = canonical_name(name)
+    if name in USER_DATA:
+        if data_dir is None:
+            raise UsageError(f"dataset {name!r} needs data_dir (--data-dir): {USER_DATA[name]}")
+        return Path(data_dir).expanduser()
     if name == "digits":
         import sklearn.datasets
 

@@ -71,10 +71,19 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int = VAL_SEED) -> tu
 
 
 def channel_stats(x: np.ndarray, pixel_scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean/std of uint8 images ``x`` (N, C, H, W), in units of raw / pixel_scale.
+    """Exact per-channel mean/std of images ``x`` (N, C, H, W), in units of raw / pixel_scale.
 
-    Uses a 256-bin histogram per channel, so it is exact and cheap. A constant channel gets std 1.
+    uint8 images go through a 256-bin histogram per channel, so it is exact and cheap; float images are
+    summed in float64. A constant channel gets std 1.
     """
+    if x.dtype != np.uint8:
+        means, stds = [], []
+        for c in range(x.shape[1]):
+            channel = x[:, c].astype(np.float64) / pixel_scale
+            mean, std = float(channel.mean()), float(channel.std())
+            means.append(mean)
+            stds.append(std if std > 0 else 1.0)
+        return tuple(means), tuple(stds)
     values = np.arange(256, dtype=np.float64)
     means, stds = [], []
     for c in range(x.shape[1]):
@@ -90,7 +99,7 @@ def channel_stats(x: np.ndarray, pixel_scale: float) -> tuple[tuple[float, ...],
 
 
 def normalize(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], pixel_scale: float) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float32 tensor ``(x / pixel_scale - mean) / std`` per channel."""
+    """uint8 or float (N, C, H, W) → float32 tensor ``(x / pixel_scale - mean) / std`` per channel."""
     if not x.flags.writeable:
         x = x.copy()
     out = torch.from_numpy(x).to(torch.float32)

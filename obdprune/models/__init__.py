@@ -1,7 +1,8 @@
-"""Reference models by name. Every model adapts to the input shape and class count of the data.
+"""Models by name: the reference models, and the user's own as ``FILE.py:FACTORY`` or ``package.module:FACTORY``.
 
-The Python API accepts any ``nn.Module`` whose prunable layers are Conv2d and Linear; these are the
-models the CLI can build by name and rebuild from a manifest.
+Every model adapts to the input shape and class count of the data. The Python API accepts any
+``nn.Module``; these names are what the CLI builds and what a manifest records to rebuild a run.
+A user model's name runs the user's code (see :mod:`obdprune.models.user`).
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Callable
 
 from torch import nn
 
-from obdprune.errors import UsageError
+from obdprune.errors import ModelFileError, UsageError
+from obdprune.models.user import FORMS, build_user_model, is_user_spec, rebuild_user_model, resolve_user_model
 
-__all__ = ["MODELS", "build_model", "model_spec"]
+__all__ = ["MODELS", "build_model", "check_model_name", "model_spec", "rebuild_model"]
 
 InputShape = tuple[int, int, int]
 
@@ -99,19 +101,75 @@ MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Module:
-    """Build a reference model by name for inputs of ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+def _check_shape(input_shape: InputShape, num_classes: int) -> None:
     if num_classes < 2:
         raise UsageError(f"a classifier needs at least 2 classes, got {num_classes}")
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise UsageError(f"input shape must be (channels, height, width), got {tuple(input_shape)}")
-    return factory(tuple(int(s) for s in input_shape), int(num_classes))
+
+
+def check_model_name(name: str) -> None:
+    """UsageError unless ``name`` is a reference model or a user spec whose file exists (nothing is run)."""
+    if is_user_spec(name):
+        resolve_user_model(name)
+    elif name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or your own as {FORMS}")
+
+
+def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` = (C, H, W) and ``num_classes`` outputs.
+
+    ``name`` is a reference model (one of MODELS) or the user's ``FILE.py:FACTORY`` /
+    ``package.module:FACTORY``, which runs that code (trusted, like running a script).
+
+    >>> build_model("lenet5", (1, 28, 28), 10)[0]
+    Conv2d(1, 6, kernel_size=(5, 5), stride=(1, 1), padding=(2, 2))
+    """
+    if is_user_spec(name):
+        _check_shape(input_shape, num_classes)
+        return build_user_model(resolve_user_model(name), tuple(int(s) for s in input_shape), int(num_classes))
+    check_model_name(name)
+    _check_shape(input_shape, num_classes)
+    return MODELS[name](tuple(int(s) for s in input_shape), int(num_classes))
 
 
 def model_spec(name: str, input_shape: InputShape, num_classes: int) -> dict:
-    """The JSON-able description a manifest stores to rebuild the architecture."""
-    return {"name": name, "input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes)}
+    """The JSON-able description a manifest stores to rebuild the architecture (:func:`rebuild_model`).
+
+    A user model is recorded by its absolute spec with the file's path and SHA-256.
+
+    >>> model_spec("lenet5", (1, 28, 28), 10)
+    {'name': 'lenet5', 'input_shape': [1, 28, 28], 'num_classes': 10}
+    """
+    spec: dict = {"name": name, "input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes)}
+    if is_user_spec(name):
+        user = resolve_user_model(name)
+        spec.update(name=user.spec, file=str(user.file), sha256=user.sha256)
+    return spec
+
+
+def rebuild_model(spec: dict) -> nn.Module:
+    """Build the architecture a manifest's ``model`` entry (see :func:`model_spec`) describes.
+
+    Raises ModelFileError with one line for an unknown name, a malformed entry, or a user model whose
+    file is missing or changed since the run was made.
+    """
+    if not isinstance(spec, dict) or not {"name", "input_shape", "num_classes"} <= set(spec):
+        raise ModelFileError("manifest 'model' must hold name, input_shape and num_classes")
+    name = spec["name"]
+    if not isinstance(name, str) or not (name in MODELS or is_user_spec(name)):
+        raise ModelFileError(f"unknown model {name!r} in manifest; known: {', '.join(MODELS)}, or {FORMS}")
+    try:
+        if not isinstance(spec["input_shape"], list) or isinstance(spec["num_classes"], (bool, float)):
+            raise TypeError("input_shape must be a list and num_classes an integer")
+        shape = tuple(int(s) for s in spec["input_shape"])
+        classes = int(spec["num_classes"])
+        _check_shape(shape, classes)
+    except (TypeError, ValueError, OverflowError, UsageError) as e:
+        raise ModelFileError(f"manifest model description is invalid ({e})") from None
+    if is_user_spec(name):
+        return rebuild_user_model(spec)
+    try:
+        return MODELS[name](shape, classes)
+    except UsageError as e:
+        raise ModelFileError(f"manifest model description is invalid ({e})") from None
