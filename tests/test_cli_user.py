@@ -174,7 +174,7 @@ def test_import_torch_uses_the_datas_training_statistics(user, tmp_path, capsys)
     assert m["dataset"]["mean"] == list(data.mean) and m["dataset"]["std"] == list(data.std)
     x = np.load(user / "d.npz")["x_test"][:, None] / 255.0
     by_hand = torch.from_numpy(((x - data.mean[0]) / data.std[0]).astype(np.float32))
-    acc, _ = evaluate(net.eval(), by_hand, data.test.y)
+    acc, _ = evaluate(net.eval(), (by_hand, data.test.y))
     assert m["metrics"]["test_accuracy"] == pytest.approx(acc)
     capsys.readouterr()
     assert main(["evaluate", str(out), "--json"]) == 0
