@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-KINDS = ("exact", "mc", "empirical-fisher", "hutchinson")
+KINDS = ("ggn", "ggn-mc", "empirical-fisher", "hessian-hutchinson")
 
 
 def main() -> None:
