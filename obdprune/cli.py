@@ -27,91 +27,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _fraction_open(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0.0 < v < 1.0):
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
-    return v
+def _number(cast: type, ok, says: str, what: str = "a number"):
+    """An argparse type: ``cast(text)`` that must satisfy ``ok``; ``says`` completes "must be ..."."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"must be {says}, got {text}")
+        return v
+
+    return parse
 
 
-def _points(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of percentage points, got {text!r}") from None
-    if not (math.isfinite(v) and 0.0 <= v <= 100.0):
-        raise argparse.ArgumentTypeError(f"must be percentage points in [0, 100], got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
-    return v
-
-
-def _threads_count(text: str) -> int:
-    v = _positive_int(text)
-    if v > 1024:
-        raise argparse.ArgumentTypeError(f"must be at most 1024, got {text}")
-    return v
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
-    return v
+_fraction_open = _number(float, lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)")
+_points = _number(float, lambda v: 0.0 <= v <= 100.0, "percentage points in [0, 100]", "a number of percentage points")
+_positive_int = _number(int, lambda v: v >= 1, ">= 1", "an integer")
+_nonneg_int = _number(int, lambda v: v >= 0, ">= 0", "an integer")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "in [0, 2**32)", "an integer")
+_threads_count = _number(int, lambda v: 1 <= v <= 1024, "in [1, 1024]", "an integer")
+_unit_interval = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
 
 
 def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
