@@ -135,7 +135,8 @@ class OutputLock:
         if self.target in _HELD:
             raise OutputBusyError(self.target, os.getpid())
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # read-only: an open writable file would keep its file system from being remounted read-only
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -149,8 +150,11 @@ class OutputLock:
                 break
             os.close(fd)  # the holder released and deleted it between our open and flock: take the new one
         with contextlib.suppress(OSError):  # only the busy message uses it; a full disk must not stop us
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            pid_fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(pid_fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(pid_fd)
         self._fd = fd
         self._found = _identity(self.target)
         _HELD[self.target] = self
