@@ -203,7 +203,7 @@ def claim_output(path: str | os.PathLike, kind: OutputKind | str = OutputKind.RU
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "model.onnx"
     >>> with claim_output(out, "file"):
     ...     _ = out.write_bytes(b"onnx")
-    >>> with claim_output(out, "file"):
+    >>> with claim_output(out, "file"):  # doctest: +ELLIPSIS
     ...     pass
     Traceback (most recent call last):
     obdprune.errors.OutputExistsError: ... already holds a file; choose another path or pass overwrite=True to replace it
