@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from obdprune.atomic import atomic_write, atomic_write_json
-from obdprune.errors import ModelFileError, UsageError
+from obdprune.errors import ModelFileError, OutputExistsError, UsageError
 from obdprune.masking import MaskSet
 from obdprune.runtime import check_stop
 
@@ -38,7 +38,7 @@ CHECKPOINTS = "checkpoints"
 FORMAT = "obdprune-state"
 ROUND_FORMAT = "obdprune-round"
 # Arguments that change neither what is computed nor where it goes: resuming may change them.
-IGNORED_ARGS = frozenset({"resume", "no_progress", "threads"})
+IGNORED_ARGS = frozenset({"resume", "overwrite", "no_progress", "threads"})
 PATH_ARGS = ("out", "data_dir", "run")
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -197,8 +197,7 @@ class StudyState:
         if not path.exists():
             return cls(folder, command, args)
         if not resume:
-            raise UsageError(f"{folder} holds an earlier `obdprune {command}` run ({STATE_FILE}); continue it "
-                             f"with --resume, or choose a new --out")
+            raise OutputExistsError(folder, f"an earlier {command} run ({STATE_FILE})", resumable=True)
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
             if rec.get("format") != FORMAT:
@@ -255,4 +254,5 @@ def _remove_stale_partials(folder: Path) -> None:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
-                    p.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # best effort: a read-only disk fails at the next write
+                        p.unlink(missing_ok=True)

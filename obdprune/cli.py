@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from obdprune.errors import Interrupted, ObdpruneError, UsageError
+from obdprune.errors import Interrupted, ObdpruneError, OutputError, OutputExistsError, UsageError
 
 RESUME_HELP = "continue an interrupted run (same arguments) after its last finished stage"
+OVERWRITE_HELP = "replace an existing output at --out (only what obdprune wrote is ever replaced)"
 STOPPABLE = ("train", "prune", "compare", "import-torch")  # SIGINT/SIGTERM stop these at a step boundary
 MODEL_HELP = ("lenet300, lenet5, lenet5-caffe, vgg-small, or your own as FILE.py:FACTORY or package.module:FACTORY "
               "(FACTORY(input_shape=(C, H, W), num_classes=K) -> nn.Module). Your file is trusted code: it is run, like "
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p)
     _add_common(p, lr=0.05)
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("prune", help="prune a trained run with one method")
     p.add_argument("run", help="dense run folder (from obdprune train)")
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
     p.add_argument("--out", required=True, help="run folder (or folder of run folders for several targets)")
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("evaluate", help="accuracy and sparsity of a run folder or model file")
     p.add_argument("path")
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, lr=0.05)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; the earlier study is deleted at the start")
     p.add_argument("--no-measure", action="store_true",
                    help="skip compaction, ONNX export and side-by-side latency of every result")
     p.add_argument("--measure-repeats", type=_positive_int, default=30, help="timing repeats per model")
@@ -174,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "safetensors", "sparse"])
     p.add_argument("--compact", action="store_true", help="physically remove dead units first")
     p.add_argument("--out", required=True, help="file (onnx, sparse) or folder (safetensors) to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
     p.add_argument("--check-samples", type=_positive_int, default=256, help="test images the export is verified on")
 
@@ -190,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("demo", help="a few-minute compare on Fashion-MNIST with lenet5")
-    p.add_argument("--out", default=DEMO["out"])
+    p.add_argument("--out", default=DEMO["out"], help="study folder; a rerun continues or reprints an earlier demo")
+    p.add_argument("--overwrite", action="store_true", help="start over, deleting an earlier demo at --out")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=_seed, default=0)
@@ -259,39 +266,22 @@ def _need_target(args) -> None:
         raise UsageError("give --sparsity S (fraction of weights to remove) or --max-drop PP")
 
 
-def _check_out(path: str) -> Path:
-    import tempfile
-
-    out = Path(path)
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise OSError
-        tempfile.TemporaryDirectory(dir=probe).cleanup()  # really try: permissions, read-only mounts, /proc
-    except OSError:
-        raise UsageError(f"--out {out}: {probe} is not a writable folder") from None
-    return out
-
-
 def cmd_train(args) -> int:
+    from obdprune.outputs import OutputKind, claim_output
     from obdprune.study import DataSpec, load_data, train_dense
 
-    from obdprune.runfile import check_replaceable
-
-    out = _check_out(args.out)
-    check_replaceable(out)
+    out = Path(args.out)
     cfg = _train_cfg(args)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
-    data = load_data(spec)
-    try:
-        _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
-                                  progress=not args.no_progress, out=out)
-    except Interrupted as e:
-        e.hint = f"nothing was written to {out}"
-        raise
+    with claim_output(out, OutputKind.RUN, overwrite=args.overwrite):
+        data = load_data(spec)
+        try:
+            _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
+                                      progress=not args.no_progress, out=out)
+        except (Interrupted, OutputError) as e:
+            e.hint = f"{out} was left as it was"
+            raise
     m = manifest["metrics"]
     print(f"dense {args.model} on {data.name}: test accuracy {100 * m['test_accuracy']:.2f}%, "
           f"validation {100 * m['val_accuracy']:.2f}% → {out}")
@@ -300,57 +290,32 @@ def cmd_train(args) -> int:
 
 def cmd_prune(args) -> int:
     """Rounds are recorded in a hidden work folder beside --out; the output appears whole at the end."""
-    import shutil
-
-    from obdprune.atomic import replace_folder
-    from obdprune.checkpoint import StudyState, normalized_args
-    from obdprune.report import write_summary
-    from obdprune.runfile import check_replaceable, load_run
+    from obdprune.checkpoint import normalized_args
+    from obdprune.outputs import ResultsFolder
+    from obdprune.runfile import load_run
     from obdprune.study import load_run_data, prune_dense, round_line
 
     _need_target(args)
-    out = _check_out(args.out)
-    if not (out / "summary.json").exists():
-        check_replaceable(out)
-    work = out.parent / f".{out.name}.work"
-    state = StudyState.open(work, "prune", normalized_args(args), resume=args.resume)
     cfg = _prune_cfg(args, args.method)
-    run = load_run(args.run)
-    data = load_run_data(run, args.data_dir)
     single = len(args.sparsity) + (args.max_drop is not None) == 1
-    stage = f"prune:{cfg.method.value}"
-    results = state.done(stage)
-    if results is None:
+    with ResultsFolder(Path(args.out), "prune", normalized_args(args), overwrite=args.overwrite,
+                       resume=args.resume) as folder:
+        run = load_run(args.run)
+        data = load_run_data(run, args.data_dir)
+        dense = run.manifest["metrics"]
         try:
-            results = prune_dense(run, data, cfg, targets=args.sparsity, max_drop=args.max_drop,
-                                  device=_device(args.device), progress=not args.no_progress, out_dir=work / "runs",
-                                  checkpoint=state.rounds(stage),
-                                  on_round=lambda r: print(round_line(r, run.manifest["metrics"]["val_accuracy"]),
-                                                           flush=True))
-            state.finish(stage, results)
-        except Interrupted as e:
-            e.hint = f"finished rounds are saved in {work}; resume with the same command plus --resume"
+            results = folder.run_stage(f"prune:{cfg.method.value}", lambda checkpoint: prune_dense(
+                run, data, cfg, targets=args.sparsity, max_drop=args.max_drop, device=_device(args.device),
+                progress=not args.no_progress, out_dir=folder.runs, checkpoint=checkpoint,
+                on_round=lambda r: print(round_line(r, dense["val_accuracy"]), flush=True)))
+            results = folder.publish(results, single=single, summary={"dense": dense})
+        except (Interrupted, OutputError) as e:
+            e.hint = f"finished rounds are saved in {folder.work}; resume with the same command plus --resume"
             raise
-        except ObdpruneError:
-            shutil.rmtree(work, ignore_errors=True)  # a resume would fail the same way: leave nothing behind
-            raise
-    labels = [Path(r["path"]).name for r in results]
-    if single:
-        src = work / "runs" / labels[0]
-        results[0]["path"] = str(out)
-    else:
-        src = work / "runs"
-        for r, label in zip(results, labels):
-            r["path"] = str(out / label)
-        if src.exists():
-            write_summary(src / "summary.json", {"dense": run.manifest["metrics"], "results": results})
-    if src.exists():  # else a killed earlier attempt already moved it
-        replace_folder(src, out)
-    shutil.rmtree(work, ignore_errors=True)
     for r in results:
         tag = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"target {r['target_sparsity']}"
         print(f"{r['method']} ({tag}): {100 * r['sparsity']:.2f}% of weights removed, "
-              f"test accuracy {100 * r['test_accuracy']:.2f}% (dense {100 * run.manifest['metrics']['test_accuracy']:.2f}%)"
+              f"test accuracy {100 * r['test_accuracy']:.2f}% (dense {100 * dense['test_accuracy']:.2f}%)"
               f" → {r['path']}")
     return 0
 
@@ -379,25 +344,25 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from obdprune.checkpoint import StudyState, normalized_args
+    from obdprune.checkpoint import normalized_args
+    from obdprune.outputs import StudyFolder
     from obdprune.study import DataSpec, load_data, run_compare
 
     _need_target(args)
-    out = _check_out(args.out)
-    state = StudyState.open(out, "compare", normalized_args(args), resume=args.resume)
+    out = Path(args.out)
+    train_cfg, prune_cfg = _train_cfg(args), _prune_cfg(args, "magnitude")
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
-    data = load_data(spec)
-    try:
-        summary = run_compare(data, spec, args.model, _train_cfg(args), _prune_cfg(args, "magnitude"),
-                              methods=args.methods, targets=args.sparsity, max_drop=args.max_drop, out=out,
-                              device=_device(args.device), progress=not args.no_progress, state=state,
-                              measure=not args.no_measure, measure_repeats=args.measure_repeats)
-    except Interrupted as e:
-        e.hint = f"finished stages are saved in {out}; resume with the same command plus --resume"
-        raise
+    with StudyFolder(out, "compare", normalized_args(args), overwrite=args.overwrite, resume=args.resume) as study:
+        data = load_data(spec)
+        try:
+            run_compare(data, spec, args.model, train_cfg, prune_cfg, methods=args.methods, targets=args.sparsity,
+                        max_drop=args.max_drop, out=out, device=_device(args.device), progress=not args.no_progress,
+                        state=study.state, measure=not args.no_measure, measure_repeats=args.measure_repeats)
+        except (Interrupted, OutputError) as e:
+            e.hint = f"finished stages are saved in {out}; resume with the same command plus --resume"
+            raise
     print(f"wrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'accuracy_vs_sparsity.png'}")
-    del summary
     return 0
 
 
@@ -416,7 +381,9 @@ def cmd_demo(args) -> int:
         argv += ["--train-limit", str(args.train_limit)]
     if args.test_limit:
         argv += ["--test-limit", str(args.test_limit)]
-    if (Path(args.out) / "state.json").exists():  # a rerun continues (or just reprints) the earlier demo
+    if args.overwrite:
+        argv.append("--overwrite")
+    elif (Path(args.out) / "state.json").exists():  # a rerun continues (or just reprints) the earlier demo
         argv.append("--resume")
     print("obdprune demo: " + " ".join(argv))
     return main(argv)
@@ -425,17 +392,17 @@ def cmd_demo(args) -> int:
 def cmd_import_torch(args) -> int:
     from obdprune.importer import import_torch, read_state_dict
     from obdprune.models import check_model_name
-    from obdprune.runfile import check_replaceable
+    from obdprune.outputs import OutputKind, claim_output
     from obdprune.study import DataSpec, load_data
 
     check_model_name(args.model)
-    out = _check_out(args.out)
-    check_replaceable(out)
-    sd = read_state_dict(args.file)
-    spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
-                         train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
-    data = load_data(spec)
-    manifest = import_torch(sd, args.file, args.model, data, spec, out=out, device=_device(args.device))
+    out = Path(args.out)
+    with claim_output(out, OutputKind.RUN, overwrite=args.overwrite):
+        sd = read_state_dict(args.file)
+        spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
+                             train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
+        data = load_data(spec)
+        manifest = import_torch(sd, args.file, args.model, data, spec, out=out, device=_device(args.device))
     m = manifest["metrics"]
     print(f"imported {args.file} as {args.model} on {data.name}: test accuracy {100 * m['test_accuracy']:.2f}%, "
           f"validation {100 * m['val_accuracy']:.2f}% → {out}")
@@ -453,13 +420,16 @@ def cmd_data(args) -> int:
 
 def cmd_export(args) -> int:
     from obdprune.deploy import export_run
+    from obdprune.outputs import OutputKind, claim_output
     from obdprune.runfile import load_run
     from obdprune.study import load_run_data
 
-    run = load_run(args.run)
-    data = load_run_data(run, args.data_dir)
-    info = export_run(run, args.format, _check_out(args.out), check_inputs=data.test.x[: args.check_samples],
-                      compact_model=args.compact)
+    kind = OutputKind.RUN if args.format == "safetensors" else OutputKind.FILE
+    with claim_output(args.out, kind, overwrite=args.overwrite):
+        run = load_run(args.run)
+        data = load_run_data(run, args.data_dir)
+        info = export_run(run, args.format, Path(args.out), check_inputs=data.test.x[: args.check_samples],
+                          compact_model=args.compact)
     extra = f", max |onnxruntime - torch| = {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"wrote {info['path']} ({info['bytes']:,} bytes, {args.format}{', compacted' if args.compact else ''}{extra})")
     return 0
@@ -489,6 +459,16 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "compare": cmd_compare,
             "demo": cmd_demo, "export": cmd_export, "bench": cmd_bench, "import-torch": cmd_import_torch, "data": cmd_data}
+
+
+def _cli_message(e: ObdpruneError) -> str:
+    """The error's message, in the command line's words where the library's name Python parameters."""
+    if isinstance(e, OutputExistsError):
+        if e.resumable:
+            return (f"{e.path} holds {e.what}; continue it with --resume, replace it with --overwrite, "
+                    f"or choose a new --out")
+        return f"{e.path} already holds {e.what}; choose a new --out, or replace it with --overwrite"
+    return str(e)
 
 
 def _one_line(text: str) -> str:
@@ -523,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stop_on_signals():
             return COMMANDS[args.command](args)
     except ObdpruneError as e:
-        print(f"obdprune: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"obdprune: error: {_one_line(_cli_message(e))}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:
         print(f"obdprune: {_one_line(str(e))}", file=sys.stderr)

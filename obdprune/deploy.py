@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from obdprune.atomic import make_folder
 from obdprune.compact import compact
 from obdprune.errors import UsageError
 from obdprune.export import export_onnx, save_sparse
@@ -42,7 +43,7 @@ def measure_models(
     example = check_inputs[:2].clone()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(onnx_dir) if onnx_dir is not None else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         compacted, paths, out = {}, {}, {}
         for label, model in models.items():
             model = model.eval()

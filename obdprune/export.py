@@ -519,6 +519,8 @@ def export_onnx(
                         do_constant_folding=True,
                     )
                 onnx.checker.check_model(onnx.load(str(tmp)))
+            except OSError:
+                raise  # disk full, permission denied, ...: atomic_write reports it as an OutputError
             except Exception as e:
                 msg = " ".join(str(e).split())[:300]
                 raise ObdpruneError(f"ONNX export to {path} failed: {type(e).__name__}: {msg}") from None

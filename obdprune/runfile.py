@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import obdprune
-from obdprune.atomic import atomic_folder, atomic_write, atomic_write_json
+from obdprune.atomic import atomic_folder, atomic_write, atomic_write_json, make_folder
 from obdprune.errors import ModelFileError, UsageError
 from obdprune.masking import MaskSet
 from obdprune.models import is_user_spec, rebuild_model
@@ -60,10 +60,7 @@ def save_run(folder: str | Path, model: nn.Module, manifest: dict[str, Any], mas
     """
     folder = Path(folder)
     check_replaceable(folder)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output folder {folder.parent}: {e.strerror}") from None
+    make_folder(folder.parent)
     manifest = dict(manifest)
     manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions()})
     if masks is not None:
@@ -87,14 +84,18 @@ def save_run(folder: str | Path, model: nn.Module, manifest: dict[str, Any], mas
 
 
 def check_replaceable(folder: Path) -> None:
-    """Refuse to write a run folder over a file, or over a folder that is neither empty nor a run folder."""
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file; choose a folder path")
-    entries = list(folder.iterdir())
-    if entries and not ((folder / MANIFEST_FILE).exists() or (folder / MODEL_FILE).exists()):
-        raise UsageError(f"--out {folder} exists and is not an obdprune run folder; choose a new or empty folder")
+    """Refuse (UsageError) to write a run folder over a file, or over a non-empty folder that is not a run folder.
+
+    A folder this process has claimed (:class:`obdprune.outputs.OutputTarget`) was checked by that claim,
+    which may allow replacing any obdprune output.
+    """
+    from obdprune.atomic import held_lock
+    from obdprune.outputs import OutputKind, existing_output
+
+    what = existing_output(folder, OutputKind.RUN)
+    is_run = (folder / MANIFEST_FILE).exists() or (folder / MODEL_FILE).exists()
+    if what is not None and not is_run and held_lock(folder) is None:
+        raise UsageError(f"{folder} holds {what}, not a run folder; choose a new or empty folder")
 
 
 class LoadedRun:
