@@ -19,6 +19,7 @@ from test_curvature import assert_close, brute_empirical_fisher, brute_ggn, brut
 
 from obdprune.curvature import diag_empirical_fisher, diag_ggn, diag_hessian
 from obdprune.curvature._capture import plan_sites
+from obdprune.curvature._fallback import FallbackSquares
 from obdprune.curvature._layers import HANDLERS
 from obdprune.errors import UsageError
 
@@ -387,6 +388,21 @@ def test_fallback_is_exact_and_warns_once_per_module():
     assert_close(got, brute_ggn(model, x))
 
 
+def test_fallback_batches_samples_with_vmap_where_it_can(monkeypatch):
+    looped = []
+    original = FallbackSquares._looped
+
+    def spy(self, cotangents):
+        looped.append(type(self.module).__name__)
+        return original(self, cotangents)
+
+    monkeypatch.setattr(FallbackSquares, "_looped", spy)
+    model, x, y = make_fallback()
+    with pytest.warns(UserWarning):
+        diag_ggn(model, x, y)
+    assert set(looped) == {"Branchy"}
+
+
 def test_fallback_empirical_fisher_equals_brute_force():
     model, x, y = make_fallback(n=3)
     with pytest.warns(UserWarning):
@@ -412,8 +428,10 @@ def test_fallback_embedding_and_lstm():
     torch.manual_seed(0)
     model = Recurrent().to(F64).eval()
     x = torch.randint(0, 6, (4, 5))
-    with pytest.warns(UserWarning, match="LSTM"):
+    with pytest.warns(UserWarning) as record:
         got = diag_ggn(model, x, torch.zeros(4, dtype=torch.long))
+    assert sorted(str(w.message).split(")")[0] for w in record) == [
+        "curvature: module 'embed' (Embedding", "curvature: module 'lstm' (LSTM"]
     assert_close(got, brute_ggn(model, x))
 
 
