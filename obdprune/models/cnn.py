@@ -4,6 +4,12 @@ Each factory takes ``input_shape`` = (C, H, W) and ``num_classes`` and adapts to
 reads C channels, strides keep at least one pixel (a stage stops downsampling once the feature map
 is 1 pixel wide), and a global average pool feeds the classifier, so 1×28×28, 3×32×32 and smaller
 inputs all work. A width argument shrinks the model (tests use it for speed).
+
+Example:
+    >>> from obdprune.models import build_model
+    >>> model = build_model("resnet20", (1, 28, 28), 10)
+    >>> model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
 """
 from __future__ import annotations
 
