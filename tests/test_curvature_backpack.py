@@ -38,6 +38,12 @@ NETS = {
     "mlp-dropout": (lambda: [
         nn.Flatten(), nn.Linear(12, 7), nn.Sigmoid(), nn.Dropout(0.3), nn.Linear(7, 7), nn.ReLU(),
         nn.Linear(7, 3)], (3, 2, 2), True),
+    "conv1d-groups": (lambda: [
+        nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, stride=2, groups=4), nn.Sigmoid(),
+        nn.Conv1d(4, 2, 1, groups=2, bias=False), nn.Flatten(), nn.Linear(2 * 4, 3)], (2, 9), True),
+    "conv3d-batchnorm3d": (lambda: [
+        nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), groups=2), nn.BatchNorm3d(4), nn.ReLU(),
+        nn.Conv3d(4, 2, 1), nn.Flatten(), nn.Linear(2 * 2 * 2 * 3, 3)], (2, 3, 3, 3), False),
     "lenet-like": (lambda: [
         nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 5), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, 10)], (1, 16, 16), True),
@@ -87,3 +93,31 @@ def test_matches_backpack(name, dtype, rtol):
     assert_close(diag_ggn(model, x, y), {k: p.diag_ggn_exact for k, p in bp.named_parameters()}, rtol)
     if hessian_supported:
         assert_close(diag_hessian(model, x, y), {k: p.diag_h for k, p in bp.named_parameters()}, rtol)
+
+
+class ResidualProjection(nn.Module):
+    """A residual block whose shape changes (1×1 stride-2 shortcut); BackPACK needs its fx converter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.shortcut = nn.Conv2d(3, 4, 1, stride=2)
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.body(x) + self.shortcut(x))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-5), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_residual_projection_matches_backpack(dtype, rtol):
+    torch.manual_seed(0)
+    model = ResidualProjection().to(dtype).eval()
+    x, y = torch.randn(5, 2, 6, 6, dtype=dtype), torch.randint(0, 3, (5,))
+    bp_model = extend(copy.deepcopy(model), use_converter=True)
+    with backpack.backpack(DiagGGNExact()):
+        extend(nn.CrossEntropyLoss())(bp_model(x), y).backward()
+    want = {k: p.diag_ggn_exact for k, p in bp_model.named_parameters()}
+    assert_close(diag_ggn(model, x, y), want, rtol)

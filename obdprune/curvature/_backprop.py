@@ -5,7 +5,10 @@ For columns v_k(n) in logit space (one per sample n and column k) this computes,
     sum_n sum_k (J_n(θ)ᵀ v_k(n))**2 / N,    J_n = d logits_n / d θ,
 
 with one forward pass per chunk and one backward pass per column, stopping at each parametrized
-module's output; the per-layer handlers then form the squared per-sample gradients in closed form.
+module's output. Autograd carries the columns through everything between those modules (any
+activation, pooling, residual sum, concatenation, reshape or product), and the per-layer rules of
+``_layers`` then form the squared per-sample gradients in closed form; modules without a rule take
+the exact torch.func fallback of ``_fallback``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 from obdprune.curvature._capture import (
     Site,
+    check_idle_parameters,
     output_bytes_per_sample,
     outputs_modified,
     plan_sites,
@@ -54,17 +58,27 @@ def mean_squared_column_grads(
                 with recording(sites, clone_outputs=True), torch.enable_grad():
                     logits = model(inputs[rows])
             check_logits(logits, rows.stop - rows.start, None if targets is None else targets[rows])
+            if rows.start == 0:
+                check_idle_parameters(sites, logits)
             vs = columns(logits.detach(), rows)
-            live = [s for s in sites if s.output is not None and s.output.requires_grad]
-            handlers = [s.handler(s.module, s.checked_input(), vs.shape[0]) for s in live]
-            outputs = [s.output for s in live]
+            live = [s for s in sites if any(t.requires_grad for t in s.outputs)]
+            handlers = [s.make_handler(vs.shape[0]) for s in live]
+            outputs = [t for s in live for t in s.outputs]
             for k in range(vs.shape[0] if live else 0):
                 grads = torch.autograd.grad(
                     logits, outputs, vs[k], retain_graph=k + 1 < vs.shape[0], allow_unused=True
                 )
-                for handler, g in zip(handlers, grads):
-                    if g is not None:
-                        handler.add_column(g)
+                at = 0
+                for site, handler in zip(live, handlers):
+                    mine = grads[at : at + len(site.outputs)]
+                    at += len(site.outputs)
+                    if site.handler is not None:
+                        if mine[0] is not None:
+                            handler.add_column(mine[0])
+                    elif any(g is not None for g in mine):
+                        handler.add_column(
+                            tuple(torch.zeros_like(t) if g is None else g for t, g in zip(site.outputs, mine))
+                        )
             for site, handler in zip(live, handlers):
                 squares = handler.result()
                 for local in site.trainable:

@@ -1,48 +1,71 @@
-"""Find the parametrized modules, check we support them, and record their inputs and outputs."""
+"""Find the parametrized modules, choose each one's rule, and record their inputs and outputs."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
+from obdprune.curvature._fallback import (
+    FallbackSquares,
+    describe_cost,
+    float_leaves,
+    recording_is_paused,
+    tensor_leaves,
+)
 from obdprune.curvature._layers import HANDLERS, LayerSquares
 from obdprune.errors import UsageError
 
 
 @dataclass
 class Site:
-    """One parametrized module: where its per-sample gradients come from."""
+    """One parametrized module: where its per-sample gradients come from.
+
+    ``handler`` is its closed-form rule, or None for the torch.func fallback (any module type).
+    """
 
     name: str
     module: nn.Module
-    handler: type[LayerSquares]
+    handler: type[LayerSquares] | None
     # Parameter names local to the module that require grad (e.g. ("weight", "bias")).
     trainable: tuple[str, ...]
-    input: Tensor | None = field(default=None, repr=False)
-    input_version: int = -1
-    output: Tensor | None = field(default=None, repr=False)
-    output_version: int = -1
+    args: tuple = field(default=(), repr=False)
+    kwargs: dict = field(default_factory=dict, repr=False)
+    input_versions: tuple[int, ...] = ()
+    # The tensors the module returned (one for closed-form rules), and their versions then.
+    outputs: tuple[Tensor, ...] = field(default=(), repr=False)
+    output_versions: tuple[int, ...] = ()
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.outputs)
 
     def qualified(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
 
-    def checked_input(self) -> Tensor:
-        assert self.input is not None
-        if self.input._version != self.input_version:
+    def make_handler(self, num_columns: int) -> LayerSquares | FallbackSquares:
+        """The accumulator for this chunk, after checking the recorded inputs are unchanged."""
+        if tuple(t._version for t in tensor_leaves((self.args, self.kwargs))) != self.input_versions:
             raise UsageError(
                 f"the input of module {self.name!r} ({type(self.module).__name__}) was modified in place "
                 "after the module ran; curvature needs it unchanged"
             )
-        return self.input
+        if self.handler is None:
+            label = f"module {self.name or '<root>'!r} ({type(self.module).__name__})"
+            return FallbackSquares(self.module, self.args, self.kwargs, self.outputs, self.trainable, label)
+        return self.handler(self.module, self.args[0], num_columns)
 
 
 def plan_sites(model: nn.Module) -> list[Site]:
-    """The modules that own trainable parameters, checked against the supported layer types.
+    """The modules that own trainable parameters, each with its closed-form rule or the fallback.
 
-    Raises UsageError naming the module for any type we cannot handle exactly.
+    Modules of a type without a rule in ``HANDLERS`` (or with parameters the rule does not know)
+    take the exact torch.func fallback, with a one-line warning naming the module and its cost.
+    Raises UsageError for shared parameters.
     """
     sites: list[Site] = []
     owner: dict[int, str] = {}
@@ -53,14 +76,10 @@ def plan_sites(model: nn.Module) -> list[Site]:
             continue
         label = f"module {name or '<root>'!r} ({type(module).__name__})"
         handler = HANDLERS.get(type(module))
+        if handler is not None and set(own) - set(handler.param_names):
+            handler = None
         if handler is None:
-            supported = ", ".join(sorted(t.__name__ for t in HANDLERS))
-            raise UsageError(
-                f"{label} has trainable parameters but its type is not supported for curvature; "
-                f"supported parametrized layers: {supported} (freeze it with requires_grad_(False) to skip it)"
-            )
-        if set(own) - set(handler.param_names):
-            raise UsageError(f"{label} has unexpected parameters {sorted(set(own) - set(handler.param_names))}")
+            warnings.warn(describe_cost(name, module, trainable), UserWarning, stacklevel=4)
         for local in trainable:
             pid = id(getattr(module, local))
             if pid in owner:
@@ -87,7 +106,7 @@ def check_eval_mode(model: nn.Module) -> None:
 
 @contextmanager
 def recording(sites: list[Site], clone_outputs: bool = False) -> Iterator[None]:
-    """While active, a forward pass stores each site's input and output.
+    """While active, a forward pass stores each site's inputs and outputs.
 
     The hook runs before any user hook. With ``clone_outputs`` it hands a copy of the output
     downstream, so that later in-place ops (e.g. ReLU(inplace=True)) cannot overwrite the tensor we
@@ -95,23 +114,34 @@ def recording(sites: list[Site], clone_outputs: bool = False) -> Iterator[None]:
     """
 
     def make_hook(site: Site):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if site.output is not None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if recording_is_paused():
+                return None
+            if site.ran:
                 raise UsageError(
                     f"module {site.name!r} ({type(module).__name__}) ran more than once in one forward pass; "
                     "reused layers are not supported"
                 )
-            if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
-                raise UsageError(f"module {site.name!r} must take and return a single tensor")
-            site.input = args[0].detach()
-            site.input_version = args[0]._version
-            site.output = output
-            site.output_version = output._version
-            return output.clone() if clone_outputs and output.requires_grad else None
+            if site.handler is not None:
+                if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor) or kwargs:
+                    raise UsageError(f"module {site.name!r} must take and return a single tensor")
+                outputs: tuple[Tensor, ...] = (output,)
+            else:
+                outputs = float_leaves(output)
+                if not outputs:
+                    raise UsageError(f"module {site.name!r} ({type(module).__name__}) must return tensors")
+            site.args = tree_map(_detached, args)
+            site.kwargs = tree_map(_detached, kwargs)
+            site.input_versions = tuple(t._version for t in tensor_leaves((args, kwargs)))
+            site.outputs = outputs
+            site.output_versions = tuple(t._version for t in outputs)
+            if not clone_outputs:
+                return None
+            return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.requires_grad else t, output)
 
         return hook
 
-    handles = [s.module.register_forward_hook(make_hook(s), prepend=True) for s in sites]
+    handles = [s.module.register_forward_hook(make_hook(s), prepend=True, with_kwargs=True) for s in sites]
     try:
         yield
     finally:
@@ -119,13 +149,16 @@ def recording(sites: list[Site], clone_outputs: bool = False) -> Iterator[None]:
             h.remove()
 
 
+def _detached(obj: Any) -> Any:
+    return obj.detach() if isinstance(obj, Tensor) else obj
+
+
 def output_bytes_per_sample(model: nn.Module, sites: list[Site], sample: Tensor) -> int:
     """Bytes of all sites' outputs for one sample, from a forward pass without autograd."""
     sizes: list[int] = []
 
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-        if isinstance(output, Tensor):
-            sizes.append(output.numel() * output.element_size())
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        sizes.extend(t.numel() * t.element_size() for t in tensor_leaves(output))
 
     handles = [s.module.register_forward_hook(hook) for s in sites]
     try:
@@ -139,11 +172,25 @@ def output_bytes_per_sample(model: nn.Module, sites: list[Site], sample: Tensor)
 
 def outputs_modified(sites: list[Site]) -> bool:
     """Whether an op after some site modified its output in place (so its autograd history changed)."""
-    return any(s.output is not None and s.output._version != s.output_version for s in sites)
+    return any(tuple(t._version for t in s.outputs) != s.output_versions for s in sites if s.ran)
 
 
 def reset(sites: list[Site]) -> None:
     for s in sites:
-        s.input = None
-        s.output = None
-        s.input_version = -1
+        s.args, s.kwargs, s.input_versions = (), {}, ()
+        s.outputs, s.output_versions = (), ()
+
+
+def check_idle_parameters(sites: list[Site], logits: Tensor) -> None:
+    """Raise if the logits depend on a parameter whose module did not run (it was used elsewhere)."""
+    idle = [(s, local) for s in sites if not s.ran for local in s.trainable]
+    if not idle or not logits.requires_grad:
+        return
+    params = [getattr(s.module, local) for s, local in idle]
+    grads = torch.autograd.grad(logits.sum(), params, retain_graph=True, allow_unused=True)
+    for (s, local), g in zip(idle, grads):
+        if g is not None:
+            raise UsageError(
+                f"parameter {s.qualified(local)!r} is used outside the forward of its module {s.name!r} "
+                f"({type(s.module).__name__}); curvature needs each parameter used by the module that owns it"
+            )

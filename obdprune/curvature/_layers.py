@@ -1,11 +1,19 @@
 """Per-layer sums of squared per-sample gradients, in closed form.
 
+Only modules that own parameters need a rule: everything between them (activations, pooling,
+residual additions, concatenation, reshapes such as flatten or channel shuffle, products such as
+squeeze-excitation gating) is differentiated by autograd when the engine backpropagates the
+columns from the logits to each module's output. Modules without a rule here are handled exactly,
+but slowly, by :mod:`obdprune.curvature._fallback`.
+
 Each handler is built from one chunk's layer input ``x`` (N, ...) and is then fed, one at a time,
 backpropagated columns ``g`` = d(column)/d(layer output), shape (N, *output_shape). It returns, per
 parameter, sum over samples n and columns k of (d column_k(n) / d parameter)**2, which is the
 parameter's shape. Samples must not interact inside the network (BatchNorm in eval mode only).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +71,11 @@ class LinearSquares(LayerSquares):
         return {"weight": self.w_sq, "bias": self.b_sq}
 
 
-class Conv2dSquares(LayerSquares):
-    """Per-sample weight gradient of a convolution, per group: g (O, L) @ unfold(x)ᵀ (L, I·kh·kw).
+class ConvSquares(LayerSquares):
+    """Per-sample weight gradient of a 1d/2d/3d convolution, per group: g (O, L) @ unfold(x)ᵀ (L, I·k).
+
+    L is the number of output positions and k the kernel's size (kh·kw for Conv2d). Grouped and
+    depthwise convolutions are handled group by group.
 
     Columns are buffered so that one matmul handles several of them (rows K·O instead of O), which
     is several times faster for the thin matrices of small convolutions.
@@ -72,19 +83,19 @@ class Conv2dSquares(LayerSquares):
 
     param_names = ("weight", "bias")
 
-    def __init__(self, module: nn.Conv2d, x: Tensor, num_columns: int) -> None:
+    def __init__(self, module: nn.modules.conv._ConvNd, x: Tensor, num_columns: int) -> None:
         super().__init__(module, x, num_columns)
         self.x = x
         self.num_columns = num_columns
         self.buffer: Tensor | None = None  # (N, groups, columns, O/groups, L)
         self.filled = 0
         self.cols: Tensor | None = None  # unfold(x) when it fits the memory bound, else built per chunk
-        self.w_sq: Tensor | None = None  # (groups, O/groups, I/groups·kh·kw)
+        self.w_sq: Tensor | None = None  # (groups, O/groups, I/groups·k)
         self.b_sq = x.new_zeros(module.out_channels)
 
     def add_column(self, g: Tensor) -> None:
         n, groups = g.shape[0], self.module.groups
-        g = g.reshape(n, groups, 1, -1, g.shape[-2] * g.shape[-1])  # (N, groups, 1, O/groups, L)
+        g = g.reshape(n, groups, 1, self.module.out_channels // groups, -1)  # (N, groups, 1, O/groups, L)
         self.b_sq += g.sum(-1).reshape(n, -1).square().sum(0)
         if self.buffer is None:
             fits = _max_elements(g) // g.numel()
@@ -102,15 +113,15 @@ class Conv2dSquares(LayerSquares):
         """Add sum over samples and columns of squared per-sample gradients for g (N, groups, K, O/groups, L)."""
         n, groups, k, out_per_group, length = g.shape
         g = g.reshape(n, groups, k * out_per_group, length)
-        kernel = self.module.weight[0].numel()  # I/groups·kh·kw
+        kernel = self.module.weight[0].numel()  # I/groups·k
         if self.cols is None and n * groups * kernel * length <= _max_elements(g):
             self.cols = _unfold(self.x, self.module)
         if self.w_sq is None:
             self.w_sq = g.new_zeros(groups, out_per_group, kernel)
         for rows in _row_chunks(n, groups * k * out_per_group * kernel + kernel * groups * length, _max_elements(g)):
             cols = self.cols[rows] if self.cols is not None else _unfold(self.x[rows], self.module)
-            cols_t = cols.view(-1, groups, kernel, length).transpose(2, 3)  # (n, groups, L, I/groups·kh·kw)
-            per_sample = torch.matmul(g[rows], cols_t)  # (n, groups, K·O/groups, I/groups·kh·kw)
+            cols_t = cols.view(-1, groups, kernel, length).transpose(2, 3)  # (n, groups, L, I/groups·k)
+            per_sample = torch.matmul(g[rows], cols_t)  # (n, groups, K·O/groups, I/groups·k)
             self.w_sq += per_sample.square_().view(-1, groups, k, out_per_group, kernel).sum((0, 2))
 
     def result(self) -> dict[str, Tensor]:
@@ -123,39 +134,91 @@ class Conv2dSquares(LayerSquares):
         return {"weight": self.w_sq.view_as(self.module.weight), "bias": self.b_sq}
 
 
-def _unfold(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """im2col (N, I·kh·kw, Ho·Wo) as a strided view plus one copy (much faster than F.unfold on CPU)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    elif any(conv.padding):
-        ph, pw = conv.padding
-        x = F.pad(x, (pw, pw, ph, ph))
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    s_n, s_c, s_h, s_w = x.stride()
-    windows = x.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
-    return windows.reshape(n, c * kh * kw, ho * wo)
+def _unfold(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """im2col (N, I·k, L) as a strided view plus one copy (much faster than F.unfold on CPU).
+
+    k is the product of the kernel sizes and L the number of output positions; any spatial rank.
+    """
+    pad = conv._reversed_padding_repeated_twice  # also set for padding="same"/"valid"
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    n, c, *size = x.shape
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(size, kernel, stride, dilation)]
+    s_n, s_c, *s_space = x.stride()
+    windows = x.as_strided(
+        (n, c, *kernel, *out),
+        (s_n, s_c, *(s * d for s, d in zip(s_space, dilation)), *(s * st for s, st in zip(s_space, stride))),
+    )
+    return windows.reshape(n, c * math.prod(kernel), math.prod(out))
 
 
-class BatchNormSquares(LayerSquares):
-    """Eval-mode BatchNorm y = γ·x̂ + β with running statistics: per-sample sums of g·x̂ and of g."""
+class _ChannelAffineSquares(LayerSquares):
+    """y = γ_c·x̂ + β_c over channel dim 1 of x (N, C, *): per-sample sums of g·x̂ and of g per channel."""
 
     param_names = ("weight", "bias")
 
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, x: Tensor, num_columns: int) -> None:
+    def __init__(self, module: nn.Module, x: Tensor, num_columns: int) -> None:
         super().__init__(module, x, num_columns)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        inv_std = torch.rsqrt(module.running_var + module.eps).to(x.dtype)
-        self.x_hat = (x - module.running_mean.to(x.dtype).view(shape)) * inv_std.view(shape)
-        self.w_sq = torch.zeros(module.num_features, dtype=x.dtype, device=x.device)
+        self.x_hat = self.normalized(module, x)
+        self.w_sq = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
         self.b_sq = torch.zeros_like(self.w_sq)
+
+    @staticmethod
+    def normalized(module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def add_column(self, g: Tensor) -> None:
         n, c = g.shape[:2]
         self.w_sq += (g * self.x_hat).reshape(n, c, -1).sum(-1).square().sum(0)
         self.b_sq += g.reshape(n, c, -1).sum(-1).square().sum(0)
+
+    def result(self) -> dict[str, Tensor]:
+        return {"weight": self.w_sq, "bias": self.b_sq}
+
+
+class BatchNormSquares(_ChannelAffineSquares):
+    """Eval-mode BatchNorm y = γ·x̂ + β, x̂ from the running statistics."""
+
+    @staticmethod
+    def normalized(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inv_std = torch.rsqrt(module.running_var + module.eps).to(x.dtype)
+        return (x - module.running_mean.to(x.dtype).view(shape)) * inv_std.view(shape)
+
+
+class GroupNormSquares(_ChannelAffineSquares):
+    """GroupNorm y = γ_c·x̂ + β_c, x̂ normalized per sample and group over (C/G, *spatial).
+
+    The statistics are per sample, so x̂ depends only on the sample's own x (not on γ, β).
+    """
+
+    @staticmethod
+    def normalized(module: nn.GroupNorm, x: Tensor) -> Tensor:
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+class LayerNormSquares(LayerSquares):
+    """LayerNorm over the trailing ``normalized_shape`` S of x (N, *, *S): y = γ ⊙ x̂ + β, γ, β of shape S.
+
+    Per sample, d/dγ = sum over the positions * of g ⊙ x̂ and d/dβ = sum of g. With input
+    (N, H, W, C) this is the channels-last LayerNorm of ConvNeXt blocks (permute → LayerNorm → permute).
+    """
+
+    param_names = ("weight", "bias")
+
+    def __init__(self, module: nn.LayerNorm, x: Tensor, num_columns: int) -> None:
+        super().__init__(module, x, num_columns)
+        shape = tuple(module.normalized_shape)
+        self.x_hat = F.layer_norm(x, shape, None, None, module.eps)
+        self.size = math.prod(shape)
+        self.w_sq = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        self.b_sq = torch.zeros_like(self.w_sq)
+
+    def add_column(self, g: Tensor) -> None:
+        n = g.shape[0]
+        self.w_sq += (g * self.x_hat).reshape(n, -1, self.size).sum(1).square().sum(0).view_as(self.w_sq)
+        self.b_sq += g.reshape(n, -1, self.size).sum(1).square().sum(0).view_as(self.b_sq)
 
     def result(self) -> dict[str, Tensor]:
         return {"weight": self.w_sq, "bias": self.b_sq}
@@ -173,7 +236,12 @@ def _row_chunks(n: int, elements_per_row: int, max_elements: int) -> list[slice]
 # Exact types only: a subclass may override forward (e.g. weight standardization) and would be wrong.
 HANDLERS: dict[type[nn.Module], type[LayerSquares]] = {
     nn.Linear: LinearSquares,
-    nn.Conv2d: Conv2dSquares,
+    nn.Conv1d: ConvSquares,
+    nn.Conv2d: ConvSquares,
+    nn.Conv3d: ConvSquares,
     nn.BatchNorm1d: BatchNormSquares,
     nn.BatchNorm2d: BatchNormSquares,
+    nn.BatchNorm3d: BatchNormSquares,
+    nn.GroupNorm: GroupNormSquares,
+    nn.LayerNorm: LayerNormSquares,
 }

@@ -1,7 +1,8 @@
 """Diagonal of the true Hessian of the mean cross-entropy loss (entries may be negative).
 
 Both methods differentiate the gradient a second time with autograd, so they work for any graph
-whose operations have double-backward formulas (custom modules included).
+whose operations have double-backward formulas (custom modules included). ``F.hardsigmoid`` (the
+gate of MobileNetV3 squeeze-excitation) has none and is run as the equal relu6(x + 3) / 6.
 
 - ``"exact"``: Hessian-vector products with one-hot vectors, one per parameter entry, batched.
   Cost grows with the number of parameters: meant for small models and as a test reference.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from obdprune.curvature._capture import check_eval_mode
 from obdprune.curvature._common import (
@@ -103,7 +105,7 @@ def _gradient_graph(
 
     Entries are None where the gradient does not depend on the parameters (zero Hessian rows).
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), _TwiceDifferentiable():
         logits = model(inputs[rows])
         check_logits(logits, rows.stop - rows.start, targets[rows])
         loss = F.cross_entropy(logits, targets[rows].to(logits.device), reduction="sum") / n_total
@@ -111,18 +113,42 @@ def _gradient_graph(
     return [g if g is not None and g.requires_grad else None for g in grads]
 
 
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Runs ``F.hardsigmoid`` as relu6(x + 3) / 6: same values and first derivative (both kinks
+    excluded from the slope), but PyTorch has no derivative for hardsigmoid's backward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0]
+            inplace = args[1] if len(args) > 1 else kwargs.get("inplace", False)
+            out = F.relu6(x + 3.0) / 6.0
+            return x.copy_(out) if inplace else out
+        return func(*args, **kwargs)
+
+
 def _exact_block_diagonal(grad: Tensor, param: Tensor) -> Tensor:
-    """diag of d grad / d param via batched HVPs with one-hot vectors (entries of this block only)."""
+    """diag of d grad / d param via batched HVPs with one-hot vectors (entries of this block only).
+
+    PyTorch cannot batch the double backward of some ops (e.g. layer_norm, group_norm); for those
+    the one-hot products run one at a time.
+    """
     size = param.numel()
     out = torch.empty(size, dtype=param.dtype, device=param.device)
     step = max(1, _MAX_BATCH_ELEMENTS // size)
+    batched = True
     for start in range(0, size, step):
         idx = torch.arange(start, min(start + step, size), device=param.device)
         basis = torch.zeros(len(idx), size, dtype=param.dtype, device=param.device)
         basis[torch.arange(len(idx)), idx] = 1.0
-        (hv,) = torch.autograd.grad(
-            grad, param, basis.view(len(idx), *param.shape), retain_graph=True, is_grads_batched=True
-        )
+        basis = basis.view(len(idx), *param.shape)
+        if batched:
+            try:
+                (hv,) = torch.autograd.grad(grad, param, basis, retain_graph=True, is_grads_batched=True)
+            except RuntimeError:
+                batched = False
+        if not batched:
+            hv = torch.stack([torch.autograd.grad(grad, param, b, retain_graph=True)[0] for b in basis])
         out[start : start + len(idx)] = hv.reshape(len(idx), size)[torch.arange(len(idx)), idx]
     return out.view_as(param)
 

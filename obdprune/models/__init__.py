@@ -93,11 +93,16 @@ def vgg_small(input_shape: InputShape, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+from obdprune.models.cnn import densenet_small, mobilenetv2_small, resnet20  # noqa: E402
+
 MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "lenet300": lenet300,
     "lenet5": lenet5,
     "lenet5-caffe": lenet5_caffe,
     "vgg-small": vgg_small,
+    "resnet20": resnet20,
+    "mobilenetv2-small": mobilenetv2_small,
+    "densenet-small": densenet_small,
 }
 
 
