@@ -1,4 +1,5 @@
 """The front door: ``import obdprune`` and prune a user's own model with its own data and training loop."""
+import copy
 import importlib
 
 import pytest
@@ -120,29 +121,45 @@ def test_pruned_weights_stay_zero_in_the_users_fine_tune(data, make_opt):
     assert obdprune.measured_sparsity(result.model)[0] >= 0.9 - 1e-3
 
 
-def test_l1_proximal_step_happens_in_the_users_loop(data):
-    """Plain SGD with lr η: after each user step w = soft(w − η·g, η·λ) exactly, without any call of ours."""
-    lam, lr = 0.05, 0.1
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_l1_proximal_step_happens_in_the_users_loop(data, opt_name):
+    """In the first (regularization) phase, each step of the user's optimizer is followed by the soft-threshold
+    w ← sign(w)·max(|w| − lr·λ, 0) on every Conv/Linear weight: checked against a twin model stepped by the
+    same optimizer without obdprune, then soft-thresholded by hand."""
+    lam = 0.05
     checked = {"steps": 0}
 
     def fine_tune(model, epochs):
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        if checked["steps"]:
+            return  # only the first phase: its masks are all-ones, so the proximal step is the only change
+        twin = copy.deepcopy(model)
+        opt, twin_opt = OPTIMIZERS[opt_name](model.parameters()), OPTIMIZERS[opt_name](twin.parameters())
         for x, y in list(data["loader"])[:3]:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            w, g = model.conv1.weight.detach().clone(), model.conv1.weight.grad.clone()
-            opt.step()
-            expected = torch.sign(w - lr * g) * torch.clamp((w - lr * g).abs() - lr * lam, min=0)
-            got = model.conv1.weight.detach()
-            kept = got != 0
-            torch.testing.assert_close(got[kept], expected[kept], atol=1e-6, rtol=0)
-            assert bool((expected[~kept].abs() <= 1e-6).all())  # zeros where soft-thresholding (or a mask) zeroes
+            for m, o in ((model, opt), (twin, twin_opt)):
+                o.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                o.step()
+            lr = twin_opt.param_groups[0]["lr"]
+            with torch.no_grad():
+                for name, w in obdprune.prunable_weights(twin).items():
+                    w.copy_(torch.sign(w) * torch.clamp(w.abs() - lr * lam, min=0))
+            for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
             checked["steps"] += 1
+        assert obdprune.measured_sparsity(model)[0] > 0  # the threshold did zero some weights
 
     torch.manual_seed(0)
     obdprune.prune(TinyResNet(), data["loader"], data["val"], method="l1", sparsity=0.5, l1_lambda=lam,
                    fine_tune=fine_tune, reg_epochs=1, finetune_epochs=1, progress=False)
-    assert checked["steps"] == 6
+    assert checked["steps"] == 3
 
 
 def test_pruner_in_a_hand_written_adamw_loop(data):
