@@ -109,15 +109,20 @@ def round_line(record: dict, dense_val_accuracy: float) -> str:
 def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: PruneConfig, *,
                 targets: Sequence[float] = (), max_drop: float | None = None, device: str = "cpu",
                 progress: bool = True, out_dir: str | Path | None = None,
-                on_round: Callable[[dict], None] | None = None, checkpoint: RoundStore | None = None) -> list[dict]:
+                on_round: Callable[[dict], None] | None = None, checkpoint: RoundStore | None = None,
+                parent_path: str | Path | None = None) -> list[dict]:
     """Prune a dense run with one method; save each result as a run folder under ``out_dir/<label>``.
 
     ``checkpoint`` makes the pruning path resumable (see :func:`obdprune.methods.prune_model`).
+    ``parent_path`` (default: the folder of a LoadedRun ``dense``) is recorded in each result's manifest
+    as ``parent.path``, so that the dense baseline can be found again (``export --format web``).
 
     Returns the results as summary dicts (see :class:`obdprune.methods.PruneResult`), each with its
     ``path`` when saved.
     """
     model, manifest = (dense.model, dense.manifest) if isinstance(dense, LoadedRun) else dense
+    if parent_path is None and isinstance(dense, LoadedRun):
+        parent_path = dense.path
     dense_val = manifest["metrics"]["val_accuracy"]
     results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
                           device=device, progress=progress, on_round=on_round, checkpoint=checkpoint)
@@ -135,7 +140,8 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
                 "dataset": manifest["dataset"],
                 "seed": cfg.seed,
                 "device": str(device),
-                "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]},
+                "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]}
+                          | ({"path": str(Path(parent_path).resolve())} if parent_path is not None else {}),
                 "prune": cfg.to_dict(),
                 "negative_curvature": cfg.negative_curvature,
                 "result": d,
@@ -209,7 +215,7 @@ def run_compare(
         else:
             log(f"pruning with {method}")
             rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
-                             device=device, progress=progress, out_dir=out / "runs",
+                             device=device, progress=progress, out_dir=out / "runs", parent_path=out / "dense",
                              on_round=lambda r: log(round_line(r, m["val_accuracy"])),
                              checkpoint=state.rounds(stage) if state is not None else None)
         for r in rs:
