@@ -171,12 +171,14 @@ def run_compare(
     state: StudyState | None = None,
     measure: bool = False,
     measure_repeats: int = 30,
+    browser: bool = False,
 ) -> dict[str, Any]:
     """Train the dense model once, run every method at every target from the same dense weights, and
     write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``.
 
     ``state`` records each finished stage (dense training, every pruning round, every method); stages it
-    already holds are skipped, so an interrupted study continues where it stopped."""
+    already holds are skipped, so an interrupted study continues where it stopped. ``browser`` also runs
+    every result beside the dense model in headless Chromium (:func:`obdprune.web.study.browser_study`)."""
     if not targets and max_drop is None:
         raise UsageError("give --sparsity targets, --max-drop, or both")
     methods = [Method.parse(m).value for m in methods]
@@ -231,6 +233,11 @@ def run_compare(
 
         log("measuring: compaction, checked ONNX export, sizes, latency side by side (1 thread)")
         measure_study(summary, dense_model, data.test.x[:256], out, repeats=measure_repeats)
+    if browser and summary["results"]:
+        from obdprune.web.study import browser_study
+
+        log("measuring in the browser: every result beside the dense model in headless Chromium (1 thread)")
+        browser_study(summary, out, repeats=measure_repeats, log=log)
     write_study_outputs(out, summary)
     if state is not None:
         state.complete()

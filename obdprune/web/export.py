@@ -64,6 +64,8 @@ def find_dense_parent(run: LoadedRun, dense: str | Path | LoadedRun | None = Non
 
     The two must describe the same architecture (model name, input shape, class count) and dataset.
     """
+    if run.manifest.get("kind") == "dense":
+        raise UsageError(f"{run.path} is a dense run; export a pruned run, and its dense parent is shown beside it")
     if dense is None:
         recorded = (run.manifest.get("parent") or {}).get("path")
         if not isinstance(recorded, str):
