@@ -211,3 +211,17 @@ def test_browser_numbers_reach_summary_and_report(runs, tmp_path):
     assert (tmp_path / "web" / "pruned" / "index.html").exists()
     report = render_report(summary)
     assert "## In the browser" in report and f"{b['bytes']:,} B" in report
+
+
+@needs_browser
+def test_page_opened_as_a_file_says_how_to_serve_it(page):
+    from obdprune.web import CHROMIUM_ARGS, find_chromium
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS, headless=True)
+        tab = browser.new_page()
+        tab.goto((page / "index.html").as_uri())
+        tab.wait_for_function("window.obdpruneError", timeout=30_000)
+        assert "obdprune serve" in tab.text_content("#status")
+        browser.close()

@@ -260,11 +260,6 @@ function setupDrawing(meta, sessions) {
 }
 
 async function main() {
-  if (location.protocol === 'file:') {
-    fail('Browsers do not let a page opened from a file load WebAssembly. Serve this folder: ' +
-         '"obdprune serve ." (several threads), or any static server, e.g. "python3 -m http.server" (one thread).');
-    return;
-  }
   const meta = await (await fetch('web.json')).json();
   const [C, H, W] = meta.input_shape;
   const per = C * H * W;
