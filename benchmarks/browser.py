@@ -61,7 +61,9 @@ def run_model(model: str, args) -> dict:
             "dense_val_accuracy": d.manifest["metrics"]["val_accuracy"],
             "pruned_val_accuracy": p.manifest["metrics"]["val_accuracy"],
             "macs_removed": p.manifest["result"].get("macs_removed"),
-            "web": web["models"], "browser": {k: res[k] for k in ("dense", "pruned", "floor")},
+            "web": web["models"],
+            "browser": {k: {f: v for f, v in res[k].items() if f not in ("logits", "predictions")}
+                        for k in ("dense", "pruned", "floor")},
             "browser_info": {k: res[k] for k in ("browser", "threads", "crossOriginIsolated", "userAgent")},
             "ort": ort, "units": {k: _widths(m) for k, m in models.items() if k != "floor"}}
 
@@ -88,6 +90,11 @@ def render(results: list[dict], args, when: str) -> str:
         "in the browser each batch-1 repeat averages 10 consecutive runs (the page's clock is coarse). "
         "Download: the ONNX file the page fetches (the wasm runtime, 14 MB, is the same for both models). "
         "Floor: an identity model, timed the same way.",
+        "",
+        f"The dense models are short-trained ({args.epochs} epochs); every pruning round adds "
+        f"{args.finetune_epochs} fine-tuning epoch(s), so a pruned model has had more training than its dense "
+        "parent, and a positive Δ says as much about those epochs as about pruning. `units` lists the "
+        "Conv/Linear output widths after compaction.",
         "",
         "| model | units | test acc | Δ test (pt) | download | browser b1 | browser b64 | ORT CPU b1 | ORT CPU b64 |",
         "|---|---|---|---|---|---|---|---|---|",
