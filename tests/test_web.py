@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     """A lenet5 on scikit-learn's 8×8 digits, pruned by whole filters and neurons, exported as a page."""
     root = tmp_path_factory.mktemp("web")
     dense, pruned = root / "dense", root / "pruned"
-    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "6", "--lr", "0.1",
+    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "4", "--lr", "0.1",
                  "--out", str(dense), "--no-progress"]) == 0
     assert main(["prune", str(dense), "--method", "obd", "--granularity", "channel", "--sparsity", "0.5",
                  "--finetune-epochs", "1", "--reg-epochs", "0", "--curvature-samples", "128", "--out", str(pruned),
