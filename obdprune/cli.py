@@ -172,12 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measure", action="store_true",
                    help="skip compaction, ONNX export and side-by-side latency of every result")
     p.add_argument("--measure-repeats", type=_positive_int, default=30, help="timing repeats per model")
+    p.add_argument("--browser", action="store_true",
+                   help="also run every result beside the dense model in headless Chromium (onnxruntime-web, wasm)")
 
-    p = sub.add_parser("export", help="write a run as checked ONNX, safetensors run folder or sparse file")
+    p = sub.add_parser("export", help="write a run as checked ONNX, safetensors run folder, sparse file or web page")
     p.add_argument("run", help="run folder or model.safetensors")
-    p.add_argument("--format", required=True, choices=["onnx", "safetensors", "sparse"])
+    p.add_argument("--format", required=True, choices=["onnx", "safetensors", "sparse", "web"])
     p.add_argument("--compact", action="store_true", help="physically remove dead units first")
-    p.add_argument("--out", required=True, help="file (onnx, sparse) or folder (safetensors) to write")
+    p.add_argument("--out", required=True, help="file (onnx, sparse) or folder (safetensors, web) to write")
+    p.add_argument("--dense", default=None, metavar="RUN0",
+                   help="web: the dense run to show beside the pruned one (default: the parent its manifest records)")
+    p.add_argument("--samples", type=_positive_int, default=64, help="web: test images the page shows and runs")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--data-dir", default=None, help="override the dataset folder recorded in the run")
     p.add_argument("--check-samples", type=_positive_int, default=256, help="test images the export is verified on")
@@ -188,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 256])
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--browser", action="store_true",
+                   help="also measure the run and its dense parent in headless Chromium (onnxruntime-web, wasm)")
+    p.add_argument("--dense", default=None, metavar="RUN0",
+                   help="with --browser: the dense parent (default: the one the run's manifest records)")
+
+    p = sub.add_parser("serve", help="serve an exported web page on 127.0.0.1 (with the headers wasm threads need)")
+    p.add_argument("dir", help="folder written by: obdprune export RUN --format web --out DIR")
+    p.add_argument("--port", type=_nonneg_int, default=8000, help="port (0: any free port; default 8000)")
 
     p = sub.add_parser("import-torch", help="convert a trusted PyTorch state_dict file (.pt/.pth) into a run folder")
     p.add_argument("file", help="file written by torch.save(model.state_dict(), FILE); read with weights_only=True")
@@ -358,7 +371,8 @@ def cmd_compare(args) -> int:
         try:
             run_compare(data, spec, args.model, train_cfg, prune_cfg, methods=args.methods, targets=args.sparsity,
                         max_drop=args.max_drop, out=out, device=_device(args.device), progress=not args.no_progress,
-                        state=study.state, measure=not args.no_measure, measure_repeats=args.measure_repeats)
+                        state=study.state, measure=not args.no_measure, measure_repeats=args.measure_repeats,
+                        browser=args.browser)
         except (Interrupted, OutputError) as e:
             e.hint = f"finished stages are saved in {out}; resume with the same command plus --resume"
             raise
@@ -424,6 +438,10 @@ def cmd_export(args) -> int:
     from obdprune.runfile import load_run
     from obdprune.study import load_run_data
 
+    if args.format == "web":
+        return _export_web(args)
+    if args.dense is not None:
+        raise UsageError("--dense goes with --format web")
     kind = OutputKind.RUN if args.format == "safetensors" else OutputKind.FILE
     with claim_output(args.out, kind, overwrite=args.overwrite):
         run = load_run(args.run)
@@ -432,6 +450,31 @@ def cmd_export(args) -> int:
                           compact_model=args.compact)
     extra = f", max |onnxruntime - torch| = {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
     print(f"wrote {info['path']} ({info['bytes']:,} bytes, {args.format}{', compacted' if args.compact else ''}{extra})")
+    return 0
+
+
+def _export_web(args) -> int:
+    from obdprune.web import export_web
+
+    from obdprune.outputs import OutputKind, claim_output
+
+    with claim_output(args.out, OutputKind.WEB, overwrite=args.overwrite):
+        info = export_web(args.run, Path(args.out), dense=args.dense, samples=args.samples,
+                          data_dir=args.data_dir, check_samples=args.check_samples)
+    m = info["models"]
+    print(f"wrote {info['path']}: dense {m['dense']['bytes']:,} B and pruned {m['pruned']['bytes']:,} B ONNX "
+          f"(compacted, checked against PyTorch), {info['samples']['count']} test images; "
+          f"view it with: obdprune serve {info['path']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from obdprune.web import serve
+
+    try:
+        serve(args.dir, args.port, announce=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # the usual way to stop a server
+        pass
     return 0
 
 
@@ -450,15 +493,27 @@ def cmd_bench(args) -> int:
     check = torch.randn(16, *shape, generator=torch.Generator().manual_seed(1))
     m = measure_models({"dense": dense, "run": run.model}, shape, check_inputs=check, batch_sizes=args.batch_sizes,
                        repeats=args.repeats, threads=args.threads)
+    if args.browser:
+        from obdprune.web.study import browser_bench, browser_entry
+
+        res = browser_bench(run, dense=args.dense, repeats=args.repeats, threads=args.threads)
+        m["dense"]["browser"], m["run"]["browser"] = browser_entry(res, "dense"), browser_entry(res, "pruned")
+        m["browser"] = {"browser": res["browser"], "threads": res["threads"], "floor": res["floor"]}
+    elif args.dense is not None:
+        raise UsageError("--dense goes with --browser")
     if args.json:
         print(json.dumps(m, indent=2))
     else:
-        print(speed_table(m))
+        print(speed_table({k: v for k, v in m.items() if k != "browser"}))
+        if args.browser:
+            b = m["browser"]
+            print(f"{b['browser']}, {b['threads']} thread(s); floor (identity model): {b['floor']['ms_b1']:.3f} ms at "
+                  f"batch 1, {b['floor']['ms_b64']:.3f} ms at batch 64")
     return 0
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "demo": cmd_demo, "export": cmd_export, "bench": cmd_bench, "import-torch": cmd_import_torch, "data": cmd_data}
+            "demo": cmd_demo, "export": cmd_export, "bench": cmd_bench, "serve": cmd_serve, "import-torch": cmd_import_torch, "data": cmd_data}
 
 
 def _cli_message(e: ObdpruneError) -> str:

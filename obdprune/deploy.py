@@ -85,6 +85,16 @@ def speed_table(measurements: Mapping[str, Mapping[str, Any]], dense_label: str 
             + " | ".join(lat(b, bs) for b, bs in cols) + " |")
     lines += ["", "Ratios are to the dense model, measured side by side in the same process (median of repeats, "
               "one thread). File ratios are to the dense fp32 safetensors / dense ONNX."]
+    if all("browser" in m for m in measurements.values()):
+        db = d["browser"]
+        lines += ["", "| model | browser download | browser b1 | browser b64 |", "|---|---|---|---|"]
+        for label, m in measurements.items():
+            b = m["browser"]
+            lines.append(f"| {label} | {b['bytes']:,} B ({b['bytes'] / db['bytes']:.3f}×) | "
+                         f"{b['ms_b1']:.3f} ms ({b['ms_b1'] / db['ms_b1']:.2f}×) | "
+                         f"{b['ms_b64']:.3f} ms ({b['ms_b64'] / db['ms_b64']:.2f}×) |")
+        lines += ["", "In the browser: onnxruntime-web (WebAssembly) in headless Chromium, both models on one page; "
+                  "the dense row is the run's dense parent."]
     return "\n".join(lines)
 
 

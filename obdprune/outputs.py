@@ -45,7 +45,8 @@ __all__ = ["OutputKind", "OutputTarget", "StudyFolder", "ResultsFolder", "claim_
 # A folder holding any of these was written by obdprune: a run folder, a study, or a folder of runs.
 OUTPUT_MARKERS = {"manifest.json": "an obdprune run folder", "model.safetensors": "an obdprune run folder",
                   STATE_FILE: "an obdprune study (with its state.json)",
-                  "summary.json": "an obdprune results folder (with its summary.json)"}
+                  "summary.json": "an obdprune results folder (with its summary.json)",
+                  "web.json": "an obdprune web page folder (with its web.json)"}
 SUMMARY_FILE = "summary.json"
 PUBLISH_STAGE = "publish"  # recorded in a ResultsFolder's state right before its results move onto the path
 
@@ -57,6 +58,7 @@ class OutputKind(enum.Enum):
     RESULTS = "results"  # a run folder, or a folder of run folders with summary.json (prune)
     STUDY = "study"      # a folder written in place, resumable through state.json (compare)
     FILE = "file"        # one file (export onnx, sparse)
+    WEB = "web"          # a static web page folder (export web)
 
     @classmethod
     def parse(cls, value: "OutputKind | str") -> "OutputKind":

@@ -6,7 +6,7 @@ from typing import Any
 
 from obdprune.atomic import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["write_summary", "render_report", "plot_accuracy_vs_sparsity", "write_study_outputs"]
+__all__ = ["write_summary", "render_report", "browser_table", "plot_accuracy_vs_sparsity", "write_study_outputs"]
 
 METHOD_ORDER = ("magnitude", "l1", "obd", "hybrid")
 
@@ -57,7 +57,33 @@ def render_report(summary: dict[str, Any]) -> str:
     extra = summary.get("speed_table")
     if extra:
         lines += ["", "## Size and speed (compacted models; ratios to dense)", "", extra]
+    if "browser" in d:
+        lines += ["", "## In the browser (onnxruntime-web, WebAssembly; ratios to dense on the same page)", "",
+                  browser_table(summary)]
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def browser_table(summary: dict[str, Any]) -> str:
+    """Markdown table of the ``browser`` entries (``compare --browser``): download and latency per model."""
+    d, info = summary["dense"], summary.get("browser") or {}
+    lines = ["| model | test acc | download | batch 1 | batch 64 |", "|---|---|---|---|---|",
+             f"| dense | {_pct(d['test_accuracy'])} | {d['browser']['bytes']:,} B | {d['browser']['ms_b1']:.3f} ms | "
+             f"{d['browser']['ms_b64']:.3f} ms |"]
+    for r in sorted(summary["results"], key=_sort_key):
+        b = r.get("browser")
+        if not b:
+            continue
+        lines.append(
+            f"| {Path(r['path']).name} | {_pct(r['test_accuracy'])} | {b['bytes']:,} B "
+            f"({b['bytes'] / d['browser']['bytes']:.3f}×) | {b['ms_b1']:.3f} ms ({b['ms_b1'] / b['dense_ms_b1']:.2f}×) | "
+            f"{b['ms_b64']:.3f} ms ({b['ms_b64'] / b['dense_ms_b64']:.2f}×) |")
+    floor = info.get("floor") or {}
+    lines += ["", f"{info.get('browser', 'Chromium')}, onnxruntime-web {info.get('onnxruntime_web', '?')}, "
+              f"{info.get('threads', '?')} thread(s), median of {info.get('repeats', '?')} repeats; each pruned model "
+              "is timed beside the dense one on its own page (`web/<result>/`), and the ratios are to that dense time."
+              + (f" Floor (an identity model, the fixed cost of one call): {floor['ms_b1']:.3f} ms at batch 1, "
+                 f"{floor['ms_b64']:.3f} ms at batch 64." if floor else "")]
     return "\n".join(lines)
 
 

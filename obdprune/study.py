@@ -118,15 +118,20 @@ def round_line(record: dict, dense_val_accuracy: float) -> str:
 def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: PruneConfig, *,
                 targets: Sequence[float] = (), max_drop: float | None = None, device: str = "cpu",
                 progress: bool = True, out_dir: str | Path | None = None,
-                on_round: Callable[[dict], None] | None = None, checkpoint: RoundStore | None = None) -> list[dict]:
+                on_round: Callable[[dict], None] | None = None, checkpoint: RoundStore | None = None,
+                parent_path: str | Path | None = None) -> list[dict]:
     """Prune a dense run with one method; save each result as a run folder under ``out_dir/<label>``.
 
     ``checkpoint`` makes the pruning path resumable (see :func:`obdprune.methods.prune_model`).
+    ``parent_path`` (default: the folder of a LoadedRun ``dense``) is recorded in each result's manifest
+    as ``parent.path``, so that the dense baseline can be found again (``export --format web``).
 
     Returns the results as summary dicts (see :class:`obdprune.methods.PrunePoint`), each with its
     ``path`` when saved.
     """
     model, manifest = (dense.model, dense.manifest) if isinstance(dense, LoadedRun) else dense
+    if parent_path is None and isinstance(dense, LoadedRun):
+        parent_path = dense.path
     dense_val = manifest["metrics"]["val_accuracy"]
     results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
                           device=device, progress=progress, on_round=on_round, checkpoint=checkpoint)
@@ -143,7 +148,8 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
                 "dataset": manifest["dataset"],
                 "seed": cfg.seed,
                 "device": str(device),
-                "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]},
+                "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]}
+                          | ({"path": str(Path(parent_path).resolve())} if parent_path is not None else {}),
                 "prune": cfg.to_dict(),
                 "negative_curvature": cfg.negative_curvature.value,
                 "result": d,
@@ -173,12 +179,14 @@ def run_compare(
     state: StudyState | None = None,
     measure: bool = False,
     measure_repeats: int = 30,
+    browser: bool = False,
 ) -> dict[str, Any]:
     """Train the dense model once, run every method at every target from the same dense weights, and
     write ``out/summary.json``, ``out/report.md`` and ``out/accuracy_vs_sparsity.png``.
 
     ``state`` records each finished stage (dense training, every pruning round, every method); stages it
-    already holds are skipped, so an interrupted study continues where it stopped."""
+    already holds are skipped, so an interrupted study continues where it stopped. ``browser`` also runs
+    every result beside the dense model in headless Chromium (:func:`obdprune.web.study.browser_study`)."""
     if not targets and max_drop is None:
         raise UsageError("give sparsity targets, a max drop, or both")
     methods = [Method.parse(m).value for m in methods]
@@ -217,7 +225,7 @@ def run_compare(
         else:
             log(f"pruning with {method}")
             rs = prune_dense((dense_model, dense_manifest), data, cfg, targets=targets, max_drop=max_drop,
-                             device=device, progress=progress, out_dir=out / "runs",
+                             device=device, progress=progress, out_dir=out / "runs", parent_path=out / "dense",
                              on_round=lambda r: log(round_line(r, m["val_accuracy"])),
                              checkpoint=state.rounds(stage) if state is not None else None)
         for r in rs:
@@ -233,6 +241,11 @@ def run_compare(
 
         log("measuring: compaction, checked ONNX export, sizes, latency side by side (1 thread)")
         measure_study(summary, dense_model, data.test.x[:256], out, repeats=measure_repeats)
+    if browser and summary["results"]:
+        from obdprune.web.study import browser_study
+
+        log("measuring in the browser: every result beside the dense model in headless Chromium (1 thread)")
+        browser_study(summary, out, repeats=measure_repeats, log=log)
     write_study_outputs(out, summary)
     if state is not None:
         state.complete()
