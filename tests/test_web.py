@@ -114,6 +114,13 @@ def test_export_without_recorded_parent_needs_dense(runs, tmp_path, capsys):
     if _browser_missing():
         pytest.skip(_browser_missing())
     assert main(["export", str(orphan), "--format", "web", "--dense", str(dense), "--out", str(tmp_path / "w")]) == 0
+    capsys.readouterr()
+    again = ["export", str(orphan), "--format", "web", "--dense", str(dense), "--out", str(tmp_path / "w")]
+    assert main(again) == 2  # an existing page folder is never replaced without being asked
+    assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "w" / "index.html").write_text("old")
+    assert main([*again, "--overwrite"]) == 0
+    assert (tmp_path / "w" / "index.html").read_text() != "old"
 
 
 @needs_browser
