@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import obdprune
 from obdprune import UsageError
+from obdprune.train import train
 
 
 class TinyResNet(nn.Module):
@@ -197,7 +198,7 @@ def test_pruner_in_a_hand_written_adamw_loop(data):
     (lambda d: obdprune.prune(TinyResNet(), d["loader"], d["val"]), "say how far to prune"),
     (lambda d: obdprune.prune(TinyResNet(), d["loader"], d["val"], sparsity=0.5, layer_flor=0.1), "unknown option"),
     (lambda d: obdprune.prune(TinyResNet(), d["loader"], d["val"], sparsity=0.5, method="obs"), "choose one of"),
-    (lambda d: obdprune.train(TinyResNet(), d["train"][0], d["train"][1], obdprune.TrainConfig()),
+    (lambda d: train(TinyResNet(), d["train"][0], d["train"][1], obdprune.TrainConfig()),
      "pass the data as one argument"),
     (lambda d: obdprune.prune_model(TinyResNet(), d["train"], obdprune.PruneConfig(), targets=0.8),
      "obdprune.prune"),
