@@ -19,17 +19,22 @@ from obdprune.constraints import StepConstraints
 from obdprune.curvature import (CurvatureKind, NegativeCurvature, diag_empirical_fisher, diag_ggn, diag_hessian,
                                 estimate_curvature)
 from obdprune.deploy import measure_models, speed_table
-from obdprune.errors import DataError, ModelFileError, ObdpruneError, TrainingDiverged, UsageError
+from obdprune.data import Dataset, load_dataset
+from obdprune.errors import (DataError, ModelFileError, ObdpruneError, OutputBusyError, OutputError, OutputExistsError,
+                             TrainingDiverged, UsageError)
 from obdprune.export import export_onnx, load_sparse, save_sparse
 from obdprune.groups import Granularity, unit_groups
 from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
 from obdprune.measure import count_macs, count_weights, measure_side_by_side
+from obdprune.models import MODELS, build_model
+from obdprune.outputs import ResultsFolder, StudyFolder, claim_output
 from obdprune.methods import Method, PruneConfig, PrunePoint, measured_sparsity, prune_model, sparsity_path
 from obdprune.regularize import GroupLassoProximal, L1Mode, L1Proximal, Regularizer
 from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.saliency import group_saliency, magnitude_saliency, obd_saliency
 from obdprune.selection import Budget
 from obdprune.train import TrainConfig, evaluate
+from obdprune.web import export_web, measure_in_browser, serve
 
 __all__ = [
     # pruning your own model
@@ -44,9 +49,13 @@ __all__ = [
     "Scope",
     "sparsity_path",
     "prune_model",
-    # data
+    # data and reference models
     "Batches",
     "as_batches",
+    "load_dataset",
+    "Dataset",
+    "build_model",
+    "MODELS",
     # training with masks and the proximal step
     "evaluate",
     "TrainConfig",
@@ -84,14 +93,24 @@ __all__ = [
     "speed_table",
     "count_macs",
     "count_weights",
-    # run folders
+    # in the browser
+    "export_web",
+    "serve",
+    "measure_in_browser",
+    # run folders and outputs (never overwritten unless asked, locked while written)
     "load_run",
     "save_run",
     "LoadedRun",
+    "claim_output",
+    "ResultsFolder",
+    "StudyFolder",
     # errors
     "ObdpruneError",
     "UsageError",
     "DataError",
     "ModelFileError",
     "TrainingDiverged",
+    "OutputError",
+    "OutputExistsError",
+    "OutputBusyError",
 ]
