@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from obdprune.deploy import export_run, measure_models, speed_table
+from obdprune.deploy import export_run
 from obdprune.export import load_sparse
 from obdprune.masking import prunable_weights, select_masks
+from obdprune.measure import measure_models, speed_table
 from obdprune.models import build_model, model_spec
 from obdprune.runfile import load_run, save_run
 
