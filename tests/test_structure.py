@@ -4,14 +4,18 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from obdprune.choices import Choice
 from obdprune.compact import count_units
+from obdprune.errors import UsageError
 from obdprune.groups import total_prunable_weights, unit_groups
 from obdprune.layers import COMPACTABLE_TYPES, PRUNABLE_TYPES, prunable_layers
 from obdprune.masking import MaskSet, prunable_weights
 from obdprune.measure import count_macs, count_weights, macs_per_layer, measured_sparsity
+from obdprune.train import OptimizerName
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "obdprune").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
@@ -101,3 +105,16 @@ def test_docstring_examples_run() -> None:
     for module in (obdprune.autograd_ops, obdprune.layers, obdprune.measure):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_choice_label_comes_from_the_class_statement() -> None:
+    class PaintColour(Choice, label="paint colour"):
+        RED = "red"
+
+    class Shade(Choice):
+        DARK = "dark"
+
+    assert (PaintColour.label(), Shade.label(), OptimizerName.label()) == ("paint colour", "shade", "optimizer")
+    assert [c.value for c in PaintColour] == ["red"]  # the label is not a member
+    with pytest.raises(UsageError, match="unknown paint colour 'blue'; choose one of: red"):
+        PaintColour.parse("blue")
