@@ -53,11 +53,9 @@ from torch_pruning import ops as tp_ops
 from obdprune.autograd_ops import (BINARY_OPS, CHANNELWISE_UNARY_OPS, CONST_PRESERVING_OPS, SHAPE_OPS,
                                    SPATIAL_REDUCE_OPS, normalized_dims, op_name, reduces_only_spatial_dims)
 from obdprune.errors import ModelFileError, UsageError
-from obdprune.layers import COMPACTABLE_TYPES, CONV_TYPES
+from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES
 
 __all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
-
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
@@ -142,7 +140,7 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
         handles = [
             sub.register_forward_hook(hook)
             for sub in m.modules()
-            if isinstance(sub, (*COMPACTABLE_TYPES, *_BN_TYPES))
+            if isinstance(sub, (*COMPACTABLE_TYPES, *BATCH_NORM_TYPES))
         ]
         try:
             out = _call(m, inputs)
@@ -374,7 +372,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
         bias = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
         return torch.where(const_out, bias, unknown)
     if t == tp_ops.OPTYPE.BN:
-        if not isinstance(m, _BN_TYPES) or m.num_features != c:
+        if not isinstance(m, BATCH_NORM_TYPES) or m.num_features != c:
             return unknown
         in_zero = _input_zero(tr, m, c)
         mean = m.running_mean if m.running_mean is not None else torch.zeros(c)
@@ -447,7 +445,7 @@ def _out_fn(dg: tp.DependencyGraph, m: nn.Module) -> Any:
 def _role(dg: tp.DependencyGraph, item: Any) -> str:
     """``producer`` / ``reader`` / ``channelwise`` (BN, depthwise conv) / ``other``."""
     m = item.dep.target.module
-    if isinstance(m, _BN_TYPES) or _is_depthwise(m):
+    if isinstance(m, BATCH_NORM_TYPES) or _is_depthwise(m):
         return "channelwise"
     if isinstance(m, COMPACTABLE_TYPES):
         return "producer" if dg.is_out_channel_pruning_fn(item.dep.handler) else "reader"
@@ -515,7 +513,7 @@ def _zero_dead(dg: tp.DependencyGraph, group: _Group) -> None:
         if role == "reader":
             m.weight[:, idx] = 0
             continue
-        if isinstance(m, _BN_TYPES) and not m.affine:
+        if isinstance(m, BATCH_NORM_TYPES) and not m.affine:
             continue
         m.weight[idx] = 0
         if m.bias is not None:
@@ -772,7 +770,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
             device=dev,
             dtype=dt,
         )
-    if isinstance(m, _BN_TYPES):
+    if isinstance(m, BATCH_NORM_TYPES):
         ref = sd.get(f"{name}.running_mean", w)
         if ref is None:
             return None

@@ -28,7 +28,7 @@ from torch import nn
 from obdprune.autograd_ops import CHANNELWISE_UNARY_OPS, SPATIAL_REDUCE_OPS, op_name, reduces_only_spatial_dims
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
-from obdprune.layers import PRUNABLE_TYPES, prunable_layers
+from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, prunable_layers
 from obdprune.masking import MaskSet, Scope, prunable_weights
 
 __all__ = [
@@ -114,7 +114,7 @@ def _supported_item(dg: tp.DependencyGraph, item: Any, root: nn.Module, units: i
     out = dg.is_out_channel_pruning_fn(item.dep.handler)
     if m is root:
         return "pass" if out else None
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, BATCH_NORM_TYPES):
         return "bn" if out and m.affine and m.num_features == units else None
     if isinstance(m, PRUNABLE_TYPES):
         depthwise = isinstance(m, nn.Conv2d) and m.groups > 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["PRUNABLE_TYPES", "CONV_TYPES", "COMPACTABLE_TYPES", "prunable_layers"]
+__all__ = ["PRUNABLE_TYPES", "CONV_TYPES", "COMPACTABLE_TYPES", "BATCH_NORM_TYPES", "prunable_layers"]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COMPACTABLE_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
+# BatchNorm1d/2d/3d (and SyncBatchNorm): their scale and shift go with the units of the layer they follow.
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
