@@ -27,6 +27,7 @@ from obdprune.compact import compact
 from obdprune.measure import measure_side_by_side
 from obdprune.runfile import load_run
 from obdprune.web import ORT_WEB_VERSION, measure_in_browser, read_web_manifest
+from obdprune.layers import prunable_layers
 
 
 def obdprune(*args: str) -> None:
@@ -69,8 +70,7 @@ def run_model(model: str, args) -> dict:
 
 
 def _widths(model: nn.Module) -> str:
-    return "-".join(str(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-                    for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return "-".join(str(m.weight.shape[0]) for _, m in prunable_layers(model))
 
 
 def render(results: list[dict], args, when: str) -> str:

@@ -24,6 +24,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from obdprune.measure import count_macs
+
 CAFFE = [(20, 50, 500), (16, 48, 500), (16, 40, 400), (12, 30, 300), (10, 25, 200), (8, 24, 200), (8, 16, 200),
          (7, 17, 200), (6, 14, 100), (4, 12, 100)]
 FIRST = [6, 5, 4, 3, 2, 1, 8, 16]
@@ -36,22 +38,6 @@ def caffe_net(c1: int, c2: int, h: int) -> nn.Module:
 
 def lenet5_conv1(k: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)).eval()
-
-
-def macs(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def hook(m, args, out):
-        nonlocal total
-        pos = out.shape[2] * out.shape[3] if isinstance(m, nn.Conv2d) else 1
-        total += m.weight.numel() * pos
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(x[:1])
-    for h in hs:
-        h.remove()
-    return total
 
 
 def session(model: nn.Module, x: torch.Tensor) -> ort.InferenceSession:
@@ -103,10 +89,10 @@ def table(title: str, models: dict[str, nn.Module], base: str, batches: list[int
     x = torch.zeros(1, 1, 28, 28)
     cols = [f"{b} b{n}" for b in ("torch", "ORT") for n in batches]
     lines = [f"### {title}", "", "| widths | MACs | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    base_macs = macs(models[base], x)
+    base_macs = count_macs(models[base], x[:1])
     for name, m in models.items():
         cells = [f"{times[name][c]:.2f} ms ({times[name][c] / times[base][c]:.2f}×)" for c in cols]
-        lines.append(f"| {name} | {macs(m, x) / base_macs:.2f}× | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {count_macs(m, x[:1]) / base_macs:.2f}× | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from obdprune.curvature import diag_empirical_fisher, diag_ggn, diag_hessian  # noqa: E402
+from obdprune.layers import PRUNABLE_TYPES  # noqa: E402
 
 MODELS = ("lenet5", "lenet5-caffe")
 SIZES = (256, 1024)
@@ -106,7 +107,7 @@ def make_method(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
         tp_model = copy.deepcopy(model)
         graph = tp.DependencyGraph().build_dependency(tp_model, example_inputs=x[:1])
-        groups = list(graph.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear]))
+        groups = list(graph.get_all_groups(root_module_types=list(PRUNABLE_TYPES)))
         imp = tp.importance.GroupHessianImportance()
 
         def run():

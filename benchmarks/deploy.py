@@ -5,7 +5,7 @@ For every dense run (one per seed, from `obdprune train` or benchmarks/pruning.p
 1. prunes it with `obdprune prune --max-drop PP` for each variant (method × granularity),
 2. prunes it with Torch-Pruning's structured pruning (magnitude and Hessian importance, see
    benchmarks/tp_peer.py) under the same fine-tuning budget and the same validation accuracy rule,
-3. measures dense and every result side by side in ONE `obdprune.deploy.measure_models` call
+3. measures dense and every result side by side in ONE `obdprune.measure.measure_models` call
    (compaction, checked ONNX export, weights, MACs, file sizes, PyTorch and onnxruntime latency at
    batch 1 and 256, one thread) timed by process CPU time, then the same compacted models and ONNX
    files again by wall clock (on a shared machine wall-clock medians include waiting for a core),
@@ -33,10 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,12 +43,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import obdprune.measure  # noqa: E402
 import tp_peer  # noqa: E402
 from obdprune.compact import compact, resize_to_state_dict  # noqa: E402
-from obdprune.deploy import measure_models  # noqa: E402
 from obdprune.export import encode_sparse  # noqa: E402
-from obdprune.measure import measure_side_by_side  # noqa: E402
+from obdprune.measure import Clock, measure_models, measure_side_by_side  # noqa: E402
 from obdprune.runfile import load_run  # noqa: E402
 from obdprune.study import load_run_data  # noqa: E402
 from obdprune.train import TrainConfig  # noqa: E402
@@ -219,34 +216,11 @@ def bytes_sparse_plus_zero(model: nn.Module) -> int:
                               for k, v in model.state_dict().items()}))
 
 
-@contextmanager
-def clock(kind: str) -> Iterator[None]:
-    """Inside the block, obdprune.measure times each call by process CPU time (``"cpu"``) or wall time
-    (``"wall"``, its own clock). With one thread, CPU time is the compute time without the time the process
-    waited for a core: on a shared machine wall-clock medians of longer calls are inflated by preemption,
-    which biases the ratios between short and long calls. (Swaps obdprune.measure's private timer.)"""
-    original = obdprune.measure._timed_ms
-
-    def cpu_ms(fn: Any) -> float:
-        t0 = time.process_time()
-        fn()
-        return (time.process_time() - t0) * 1e3
-
-    if kind == "cpu":
-        obdprune.measure._timed_ms = cpu_ms
-    elif kind != "wall":
-        raise SystemExit(f"unknown clock {kind!r}: cpu or wall")
-    try:
-        yield
-    finally:
-        obdprune.measure._timed_ms = original
-
-
 def measure_floor(folder: Path, floors: dict[str, nn.Module], shape: tuple[int, ...],
-                  args: argparse.Namespace) -> dict:
+                  args: argparse.Namespace, clock: Clock) -> dict:
     """The dense model and its first-layer prefixes side by side (measure_side_by_side, checked ONNX)."""
     return measure_side_by_side(floors, shape, batch_sizes=args.batch_sizes, repeats=args.floor_repeats, threads=1,
-                                onnx_dir=folder / "onnx-floor")
+                                onnx_dir=folder / "onnx-floor", clock=clock)
 
 
 def measure_seed(folder: Path, dense_run: Any, data: Any, labels: list[str], args: argparse.Namespace) -> dict:
@@ -289,16 +263,16 @@ def measure_seed(folder: Path, dense_run: Any, data: Any, labels: list[str], arg
         f"{args.floor_repeats} repeats)")
     load_before = os.getloadavg()
     t0 = time.time()
-    with clock("cpu"):
-        meas = measure_models(models, shape, check_inputs=check, onnx_dir=folder / "onnx",
-                              batch_sizes=args.batch_sizes, repeats=args.repeats, threads=1)
-    with clock("wall"):
-        wall = measure_side_by_side(compacted, shape, batch_sizes=args.batch_sizes, repeats=args.repeats, threads=1,
-                                    onnx_paths={label: folder / "onnx" / f"{label}.onnx" for label in compacted})
-    with clock("cpu"):
-        floor = measure_floor(folder, floors, shape, args)
-    with clock("wall"):
-        floor_wall = measure_floor(folder, floors, shape, args)
+    # With one thread, process CPU time is the compute time without the time the process waited for a core:
+    # on a shared machine wall-clock medians of longer calls are inflated by preemption, which biases the
+    # ratios between short and long calls. Both are kept.
+    meas = measure_models(models, shape, check_inputs=check, onnx_dir=folder / "onnx",
+                          batch_sizes=args.batch_sizes, repeats=args.repeats, threads=1, clock=Clock.CPU)
+    wall = measure_side_by_side(compacted, shape, batch_sizes=args.batch_sizes, repeats=args.repeats, threads=1,
+                                onnx_paths={label: folder / "onnx" / f"{label}.onnx" for label in compacted},
+                                clock=Clock.WALL)
+    floor = measure_floor(folder, floors, shape, args, Clock.CPU)
+    floor_wall = measure_floor(folder, floors, shape, args, Clock.WALL)
     out = {"key": key, "measurements": meas, "wall": wall, "info": info, "floor": floor, "floor_wall": floor_wall,
            "seconds": time.time() - t0, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     path.write_text(json.dumps(out, indent=1))

@@ -33,11 +33,13 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
+from obdprune.layers import prunable_layers
+from obdprune.measure import count_weights
 from obdprune.methods import sparsity_path
 from obdprune.train import TrainConfig, evaluate, train
 
 __all__ = ["IMPORTANCES", "PeerConfig", "SummedHessianImportance", "linear_schedule", "channel_schedule", "run_peer",
-           "layer_widths", "count_weights", "tp_version"]
+           "layer_widths", "tp_version"]
 
 IMPORTANCES = ("magnitude", "hessian", "hessian-shipped")
 
@@ -97,13 +99,7 @@ def channel_schedule(prune_step: float = 0.6, max_sparsity: float = 0.99) -> lis
 
 def layer_widths(model: nn.Module) -> list[int]:
     """Output units of every Conv2d / Linear layer, in module order."""
-    return [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-            for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def count_weights(model: nn.Module) -> int:
-    """Entries of all Conv2d / Linear weights (as obdprune counts them)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return [m.weight.shape[0] for _, m in prunable_layers(model)]
 
 
 def tp_version() -> str:
@@ -144,8 +140,7 @@ def accumulate_hessian(imp: tp.importance.GroupHessianImportance, model: nn.Modu
 
 def _safe_ratios(model: nn.Module, ratios: Sequence[float], ignored: nn.Module) -> list[float]:
     """Cap the ratios so that Torch-Pruning's per-layer rounding (int(n·(1-r))) keeps >= 1 unit everywhere."""
-    widths = [w for m, w in zip([m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
-                                layer_widths(model)) if m is not ignored]
+    widths = [m.weight.shape[0] for _, m in prunable_layers(model) if m is not ignored]
     cap = 1.0 - (1.0 + 1e-6) / min(widths)
     return [min(r, cap) for r in ratios]
 

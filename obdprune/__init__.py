@@ -18,17 +18,17 @@ from obdprune.compact import compact, find_dead_units
 from obdprune.constraints import StepConstraints
 from obdprune.curvature import (CurvatureKind, NegativeCurvature, diag_empirical_fisher, diag_ggn, diag_hessian,
                                 estimate_curvature)
-from obdprune.deploy import measure_models, speed_table
 from obdprune.data import Dataset, load_dataset
 from obdprune.errors import (DataError, ModelFileError, ObdpruneError, OutputBusyError, OutputError, OutputExistsError,
                              TrainingDiverged, UsageError)
 from obdprune.export import export_onnx, load_sparse, save_sparse
 from obdprune.groups import Granularity, unit_groups
 from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
-from obdprune.measure import count_macs, count_weights, measure_side_by_side
+from obdprune.measure import (count_macs, count_weights, measure_models, measure_side_by_side, measured_sparsity,
+                              speed_table)
 from obdprune.models import MODELS, build_model
 from obdprune.outputs import ResultsFolder, StudyFolder, claim_output
-from obdprune.methods import Method, PruneConfig, PrunePoint, measured_sparsity, prune_model, sparsity_path
+from obdprune.methods import Method, PruneConfig, PrunePoint, prune_model, sparsity_path
 from obdprune.regularize import GroupLassoProximal, L1Mode, L1Proximal, Regularizer
 from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.saliency import group_saliency, magnitude_saliency, obd_saliency

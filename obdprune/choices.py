@@ -10,7 +10,18 @@ C = TypeVar("C", bound="Choice")
 
 
 class Choice(str, enum.Enum):
-    """An option with a fixed set of string values; ``parse`` turns a typo into one line listing them."""
+    """An option with a fixed set of string values; ``parse`` turns a typo into one line listing them.
+
+    Error messages call the option by its lower-cased class name, or by the ``label`` given in the class
+    statement::
+
+        class OptimizerName(Choice, label="optimizer"):
+            SGD = "sgd"
+    """
+
+    def __init_subclass__(cls, *, label: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._option_label = label
 
     def __str__(self) -> str:
         return self.value
@@ -21,7 +32,7 @@ class Choice(str, enum.Enum):
     @classmethod
     def label(cls) -> str:
         """What the option is called in error messages."""
-        return cls.__name__.lower()
+        return cls._option_label or cls.__name__.lower()
 
     @classmethod
     def parse(cls: type[C], value: "str | C") -> C:

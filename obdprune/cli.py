@@ -334,7 +334,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from obdprune.methods import measured_sparsity
+    from obdprune.measure import measured_sparsity
     from obdprune.runfile import load_run
     from obdprune.study import load_run_data
     from obdprune.train import evaluate
@@ -481,7 +481,7 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from obdprune.deploy import measure_models, speed_table
+    from obdprune.measure import measure_models, speed_table
     from obdprune.models import rebuild_model
     from obdprune.runfile import load_run
 

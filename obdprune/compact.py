@@ -43,75 +43,19 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
+from obdprune.autograd_ops import (BINARY_OPS, CHANNELWISE_UNARY_OPS, CONST_PRESERVING_OPS, SHAPE_OPS,
+                                   SPATIAL_REDUCE_OPS, normalized_dims, op_name, reduces_only_spatial_dims)
 from obdprune.errors import ModelFileError, UsageError
+from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES
 
 __all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-# Channel-wise unary ops (output channel c depends only on input channel c). Values: whether
-# f(0) == 0 exactly, i.e. an identically-zero input channel stays identically zero.
-_UNARY_OPS: dict[str, bool] = {
-    "ReluBackward": True,
-    "LeakyReluBackward": True,
-    "EluBackward": True,
-    "GeluBackward": True,
-    "SiluBackward": True,
-    "MishBackward": True,
-    "HardswishBackward": True,
-    "TanhBackward": True,
-    "NegBackward": True,
-    "AbsBackward": True,
-    "CloneBackward": True,
-    "MaxPool1DWithIndicesBackward": True,
-    "MaxPool2DWithIndicesBackward": True,
-    "MaxPool3DWithIndicesBackward": True,
-    "AvgPool2DBackward": True,
-    "AvgPool3DBackward": True,
-    "AdaptiveAvgPool2DBackward": True,
-    "AdaptiveAvgPool3DBackward": True,
-    "AdaptiveMaxPool2DBackward": True,
-    "AdaptiveMaxPool3DBackward": True,
-    "UpsampleNearest2DBackward": True,
-    "UpsampleBilinear2DBackward": True,
-    "HardtanhBackward": True,  # exact constants propagated by clamping, see _compute_const
-    "SigmoidBackward": False,
-    "HardsigmoidBackward": False,
-    "SoftplusBackward": False,
-    "ExpBackward": False,
-}
-# Ops that map a constant channel to the same constant (max-pool pads with -inf).
-_CONST_PRESERVING = {
-    "CloneBackward",
-    "MaxPool1DWithIndicesBackward",
-    "MaxPool2DWithIndicesBackward",
-    "MaxPool3DWithIndicesBackward",
-    "AdaptiveMaxPool2DBackward",
-    "AdaptiveMaxPool3DBackward",
-    "UpsampleNearest2DBackward",
-}
-_REDUCE_OPS = ("MeanBackward1", "SumBackward1")
-_SHAPE_OPS = (
-    "ViewBackward",
-    "ReshapeAliasBackward",
-    "UnsafeViewBackward",
-    "SqueezeBackward",
-    "UnsqueezeBackward",
-)
-_BINARY_OPS = ("AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0")
-
-
-def _op_name(grad_fn: Any) -> str:
-    """``ReluBackward0`` -> ``ReluBackward`` (drop the overload number)."""
-    return grad_fn.name().rstrip("0123456789") if grad_fn is not None else ""
 
 
 def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
@@ -146,12 +90,12 @@ def _autograd_ready(example_inputs: Any) -> Any:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, _CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv (non-transposed) and Linear layers, in definition order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (*_CONV_TYPES, nn.Linear))]
+def _compactable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers whose output units compact can remove, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, COMPACTABLE_TYPES)]
 
 
 def _n_out(m: nn.Module) -> int:
@@ -160,7 +104,7 @@ def _n_out(m: nn.Module) -> int:
 
 def count_units(model: nn.Module) -> dict[str, int]:
     """Number of output units (filters / neurons) of each Conv/Linear layer, by dotted name."""
-    return {n: _n_out(m) for n, m in _prunable_modules(model)}
+    return {n: _n_out(m) for n, m in _compactable_layers(model)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +140,7 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
         handles = [
             sub.register_forward_hook(hook)
             for sub in m.modules()
-            if isinstance(sub, (*_CONV_TYPES, nn.Linear, *_BN_TYPES))
+            if isinstance(sub, (*COMPACTABLE_TYPES, *BATCH_NORM_TYPES))
         ]
         try:
             out = _call(m, inputs)
@@ -270,16 +214,6 @@ def _shape_of(tr: _Trace, node: Any) -> tuple[int, ...] | None:
     return tr.shapes.get(node.grad_fn)
 
 
-def _norm_dims(dims: Iterable[int], ndim: int) -> set[int]:
-    out = set()
-    for d in dims:
-        d = int(d)
-        if d >= 2**63:  # autograd stores negative dims as uint64
-            d -= 2**64
-        out.add(d % ndim)
-    return out
-
-
 def _shape_op_kind(tr: _Trace, node: Any) -> str | None:
     """For view/reshape/squeeze nodes: ``"same"`` (batch and channel dims unchanged),
     ``"flatten"`` ((N, C, *S) -> (N, C*prod(S))) or ``None`` (anything else)."""
@@ -318,7 +252,7 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
         return False
     t = node.type
     if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV):
-        if not isinstance(m, _CONV_TYPES):
+        if not isinstance(m, CONV_TYPES):
             return False  # transposed convs
         return m.groups == 1 or _is_depthwise(m)
     if t == tp_ops.OPTYPE.LINEAR:
@@ -334,27 +268,23 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
         return (
             s is not None
             and hasattr(gf, "_saved_dim")
-            and _norm_dims([gf._saved_dim], len(s)) == {1}
+            and normalized_dims([gf._saved_dim], len(s)) == {1}
             and all(o is not None for o in ops_)
         )
     if t != tp_ops.OPTYPE.ELEMENTWISE:
         return False
     gf = node.grad_fn
-    name = _op_name(gf)
+    name = op_name(gf)
     full = gf.name() if gf is not None else ""
     if name == "TBackward" and not node.inputs:
         return True  # the transposed weight of a Linear
-    if name in _UNARY_OPS:
+    if name in CHANNELWISE_UNARY_OPS:
         return len([o for o in _operands(tr, node) if o is not None]) == 1
-    if name.startswith(_SHAPE_OPS):
+    if name.startswith(SHAPE_OPS):
         return _shape_op_kind(tr, node) is not None
-    if full in _REDUCE_OPS:
-        s = getattr(gf, "_saved_self_sym_sizes", None)
-        if s is None or len(s) < 3:
-            return False
-        dims = _norm_dims(gf._saved_dim, len(s))
-        return 0 not in dims and 1 not in dims
-    if full in _BINARY_OPS:
+    if full in SPATIAL_REDUCE_OPS:
+        return reduces_only_spatial_dims(gf)
+    if full in BINARY_OPS:
         ops_ = _operands(tr, node)
         c_out = _channels(_shape_of(tr, node))
         if c_out is None:
@@ -428,7 +358,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
         return unknown
     t = node.type
     if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV, tp_ops.OPTYPE.LINEAR):
-        if not isinstance(m, (*_CONV_TYPES, nn.Linear)) or _n_out(m) != c:
+        if not isinstance(m, COMPACTABLE_TYPES) or _n_out(m) != c:
             return unknown
         w = m.weight.detach()
         groups = getattr(m, "groups", 1)
@@ -442,7 +372,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
         bias = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
         return torch.where(const_out, bias, unknown)
     if t == tp_ops.OPTYPE.BN:
-        if not isinstance(m, _BN_TYPES) or m.num_features != c:
+        if not isinstance(m, BATCH_NORM_TYPES) or m.num_features != c:
             return unknown
         in_zero = _input_zero(tr, m, c)
         mean = m.running_mean if m.running_mean is not None else torch.zeros(c)
@@ -465,7 +395,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
         out = torch.cat(parts)
         return out if out.numel() == c else unknown
     if t == tp_ops.OPTYPE.RESHAPE or (
-        t == tp_ops.OPTYPE.ELEMENTWISE and _op_name(node.grad_fn).startswith(_SHAPE_OPS)
+        t == tp_ops.OPTYPE.ELEMENTWISE and op_name(node.grad_fn).startswith(SHAPE_OPS)
     ):
         kind = _shape_op_kind(tr, node)
         v = ins[0] if ins else None
@@ -476,7 +406,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
     if t != tp_ops.OPTYPE.ELEMENTWISE or not _node_ok(tr, node):
         return unknown
     gf = node.grad_fn
-    name, full = _op_name(gf), gf.name()
+    name, full = op_name(gf), gf.name()
     tracked = [v for o, v in zip(ops_, ins) if o is not None]
     if not tracked or any(v is None or v.numel() != c for v in tracked):
         return unknown
@@ -485,11 +415,11 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
         return v.clamp(min=0.0)  # NaN stays NaN
     if name == "HardtanhBackward":
         return v.clamp(min=float(gf._saved_min_val), max=float(gf._saved_max_val))
-    if name in _CONST_PRESERVING:
+    if name in CONST_PRESERVING_OPS:
         return v.clone()
-    if name in _UNARY_OPS:
-        return _zero_only(v) if _UNARY_OPS[name] else unknown
-    if full in _REDUCE_OPS:
+    if name in CHANNELWISE_UNARY_OPS:
+        return _zero_only(v) if CHANNELWISE_UNARY_OPS[name] else unknown
+    if full in SPATIAL_REDUCE_OPS:
         return _zero_only(v)
     if full in ("AddBackward0", "SubBackward0"):
         zero = torch.stack([u == 0 for u in tracked]).all(dim=0)
@@ -515,9 +445,9 @@ def _out_fn(dg: tp.DependencyGraph, m: nn.Module) -> Any:
 def _role(dg: tp.DependencyGraph, item: Any) -> str:
     """``producer`` / ``reader`` / ``channelwise`` (BN, depthwise conv) / ``other``."""
     m = item.dep.target.module
-    if isinstance(m, _BN_TYPES) or _is_depthwise(m):
+    if isinstance(m, BATCH_NORM_TYPES) or _is_depthwise(m):
         return "channelwise"
-    if isinstance(m, (*_CONV_TYPES, nn.Linear)):
+    if isinstance(m, COMPACTABLE_TYPES):
         return "producer" if dg.is_out_channel_pruning_fn(item.dep.handler) else "reader"
     return "other"
 
@@ -538,7 +468,7 @@ def _analyse_groups(model: nn.Module, example_inputs: Any) -> tuple[_Trace, list
     dg = tr.dg
     covered: set[nn.Module] = set()
     groups: list[_Group] = []
-    for _, m in _prunable_modules(model):
+    for _, m in _compactable_layers(model):
         if m in covered or m not in dg.module2node:
             continue
         n = _n_out(m)
@@ -583,7 +513,7 @@ def _zero_dead(dg: tp.DependencyGraph, group: _Group) -> None:
         if role == "reader":
             m.weight[:, idx] = 0
             continue
-        if isinstance(m, _BN_TYPES) and not m.affine:
+        if isinstance(m, BATCH_NORM_TYPES) and not m.affine:
             continue
         m.weight[idx] = 0
         if m.bias is not None:
@@ -611,7 +541,7 @@ def _find_dead(model: nn.Module, example_inputs: Any) -> tuple[dict[str, torch.T
         raise UsageError("expected an nn.Module")
     example_inputs = _first_sample(example_inputs)
     scratch = copy.deepcopy(model)
-    names = {m: n for n, m in _prunable_modules(scratch)}
+    names = {m: n for n, m in _compactable_layers(scratch)}
     result = {n: torch.zeros(_n_out(m), dtype=torch.bool) for m, n in names.items()}
     groups: list[_Group] = []
     for _ in range(64):
@@ -811,7 +741,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
         if tuple(w.shape) == tuple(m.weight.shape):
             return None
         return nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=dev, dtype=dt)
-    if isinstance(m, _CONV_TYPES):
+    if isinstance(m, CONV_TYPES):
         if w is None or w.dim() != m.weight.dim():
             raise ModelFileError(f"state_dict lacks a {m.weight.dim()}-D '{name}.weight' for a conv layer")
         if tuple(w.shape) == tuple(m.weight.shape):
@@ -840,7 +770,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
             device=dev,
             dtype=dt,
         )
-    if isinstance(m, _BN_TYPES):
+    if isinstance(m, BATCH_NORM_TYPES):
         ref = sd.get(f"{name}.running_mean", w)
         if ref is None:
             return None

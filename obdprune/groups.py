@@ -25,15 +25,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-# the autograd ops compact() knows to map a zero channel to zero
-from obdprune.compact import _REDUCE_OPS, _UNARY_OPS, _norm_dims
+from obdprune.autograd_ops import CHANNELWISE_UNARY_OPS, SPATIAL_REDUCE_OPS, op_name, reduces_only_spatial_dims
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
-from obdprune.masking import PRUNABLE_TYPES, MaskSet, Scope, prunable_weights
+from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, prunable_layers
+from obdprune.masking import MaskSet, Scope, prunable_weights
 
 __all__ = [
     "Granularity", "UnitLayer", "unit_groups", "unit_floor", "removed_units", "select_unit_masks",
-    "max_unit_sparsity", "group_parameters", "total_prunable_weights", "unit_keep_masks",
+    "max_unit_sparsity", "group_parameters", "total_prunable_weights", "unit_keep_masks", "checked_unit_scores",
 ]
 
 
@@ -114,22 +114,19 @@ def _supported_item(dg: tp.DependencyGraph, item: Any, root: nn.Module, units: i
     out = dg.is_out_channel_pruning_fn(item.dep.handler)
     if m is root:
         return "pass" if out else None
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, BATCH_NORM_TYPES):
         return "bn" if out and m.affine and m.num_features == units else None
     if isinstance(m, PRUNABLE_TYPES):
         depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
         return "reader" if not out and not depthwise else None  # a coupled producer: residual sum
     if isinstance(m, tp.ops._ElementWiseOp):
-        name = str(m._grad_fn).rstrip("0123456789")  # Torch-Pruning keeps the autograd node's name
+        full = str(m._grad_fn)  # Torch-Pruning keeps the autograd node's name
+        name = op_name(full)
         if name == "TBackward" and not item.dep.target.inputs:
             return "pass"  # the transposed weight of a reading Linear
-        if str(m._grad_fn) in _REDUCE_OPS:  # a mean or sum over spatial dims (global average pooling)
-            gf = item.dep.target.grad_fn
-            sizes = getattr(gf, "_saved_self_sym_sizes", None)
-            if sizes is None or len(sizes) < 3:
-                return None
-            return "pass" if not {0, 1} & _norm_dims(gf._saved_dim, len(sizes)) else None
-        return "pass" if _UNARY_OPS.get(name, False) else None
+        if full in SPATIAL_REDUCE_OPS:  # a mean or sum over spatial dims (global average pooling)
+            return "pass" if reduces_only_spatial_dims(item.dep.target.grad_fn) else None
+        return "pass" if CHANNELWISE_UNARY_OPS.get(name, False) else None
     if isinstance(m, (tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp)):
         return "pass"
     return None
@@ -157,7 +154,7 @@ def unit_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[UnitLaye
         calls[names[mod]] = calls.get(names[mod], 0) + 1
         layer_gfs[out.grad_fn] = names[mod]
 
-    layers = [(n, m) for n, m in scratch.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    layers = prunable_layers(scratch)
     handles = [m.register_forward_hook(hook) for _, m in layers]
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,7 +220,9 @@ def max_unit_sparsity(groups: Sequence[UnitLayer], total_weights: int, layer_flo
     return math.floor(removable / total_weights * 1e6) / 1e6
 
 
-def _checked_scores(unit_scores: Mapping[str, torch.Tensor], g: UnitLayer) -> torch.Tensor:
+def checked_unit_scores(unit_scores: Mapping[str, torch.Tensor], g: UnitLayer) -> torch.Tensor:
+    """``unit_scores[g.layer]`` as a (units,) float64 CPU tensor, after checking that it is there, has one
+    score per unit and no NaN (ValueError / UsageError naming the layer otherwise)."""
     if g.layer not in unit_scores:
         raise ValueError(f"no unit scores for layer {g.layer!r}")
     s = unit_scores[g.layer].detach().to(torch.float64).cpu()
@@ -269,7 +268,7 @@ def select_unit_masks(
         raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
     if total_weights < sum(g.weights for g in groups):
         raise ValueError(f"total_weights {total_weights} is less than the grouped layers' weights")
-    scores = [_checked_scores(unit_scores, g) for g in groups]
+    scores = [checked_unit_scores(unit_scores, g) for g in groups]
     before = [removed_units(g, current) for g in groups]
     floors = [unit_floor(g.units, layer_floor) for g in groups]
     keep: list[torch.Tensor] = []

@@ -97,7 +97,7 @@ def import_torch(sd: Mapping[str, torch.Tensor], source: str | Path, model_name:
 
     Returns the manifest written to ``out``.
     """
-    from obdprune.study import _dataset_entry, _metrics
+    from obdprune.study import dataset_manifest_entry, run_metrics
 
     model = build_model(model_name, data.input_shape, data.num_classes)
     where = f"{source} as {model_name} for {'x'.join(map(str, data.input_shape))} images, {data.num_classes} classes"
@@ -106,11 +106,11 @@ def import_torch(sd: Mapping[str, torch.Tensor], source: str | Path, model_name:
     manifest = {
         "kind": "imported",
         "model": model_spec(model_name, data.input_shape, data.num_classes),
-        "dataset": _dataset_entry(spec, data),
+        "dataset": dataset_manifest_entry(spec, data),
         "seed": None,
         "device": str(device),
         "source": {"file": str(Path(source).resolve()), "sha256": digest},
-        "metrics": _metrics(model, data, device),
+        "metrics": run_metrics(model, data, device),
     }
     save_run(out, model.cpu(), manifest)
     return manifest

@@ -14,13 +14,11 @@ from torch import nn
 
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
+from obdprune.layers import prunable_layers
 
 __all__ = [
     "Scope", "MaskSet", "prunable_weights", "select_masks", "masks_from_weights",
 ]
-
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-
 
 class Scope(Choice):
     """Where the sparsity target applies: across all layers at once, or to each layer alike."""
@@ -30,11 +28,11 @@ class Scope(Choice):
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weight tensors pruning acts on: every Conv2d and Linear ``weight``, by dotted name."""
+    """The weight tensors pruning acts on: the ``weight`` of every prunable layer
+    (:data:`obdprune.layers.PRUNABLE_TYPES`: Conv2d and Linear), by dotted name."""
     out: dict[str, nn.Parameter] = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
-            out[f"{mod_name}.weight" if mod_name else "weight"] = module.weight
+    for mod_name, module in prunable_layers(model):
+        out[f"{mod_name}.weight" if mod_name else "weight"] = module.weight
     if not out:
         raise UsageError("the model has no Conv2d or Linear layers to prune")
     return out

@@ -36,7 +36,8 @@ from obdprune.constraints import StepConstraints
 from obdprune.curvature import CurvatureKind, NegativeCurvature, estimate_curvature
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.groups import Granularity
-from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
+from obdprune.masking import MaskSet, Scope, masks_from_weights
+from obdprune.measure import measured_sparsity
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer
 from obdprune.selection import Budget, Selector, make_selector
 from obdprune.train import TrainConfig, evaluate, train
@@ -215,14 +216,6 @@ def sparsity_targets(sparsity: float | Sequence[float] | None) -> list[float]:
     for s in values:
         _check_fraction("a sparsity target", s)
     return values
-
-
-def measured_sparsity(model: nn.Module) -> tuple[float, int, int]:
-    """(fraction of Conv/Linear weights that are exactly zero, nonzero count, total count)."""
-    ws = prunable_weights(model).values()
-    total = sum(w.numel() for w in ws)
-    nonzero = sum(int((w != 0).sum()) for w in ws)
-    return 1.0 - nonzero / total, nonzero, total
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -54,32 +54,31 @@ class NoRegularizer(Regularizer):
     pass
 
 
-class L1Penalty(Regularizer):
-    """Adds ``lam * Σ|w|`` over every Conv2d/Linear weight to the loss."""
-
-    name = "l1-penalty"
+class _L1(Regularizer):
+    """``lam·Σ|w|`` over every Conv2d/Linear weight; subclasses apply it as a penalty or a proximal step."""
 
     def __init__(self, lam: float):
         if lam < 0:
             raise UsageError(f"L1 strength must be >= 0, got {lam}")
         self.lam = float(lam)
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return self.lam * sum(p.abs().sum() for p in prunable_weights(model).values())
 
     def describe(self) -> dict:
         return {"name": self.name, "lambda": self.lam}
 
 
-class L1Proximal(Regularizer):
+class L1Penalty(_L1):
+    """Adds ``lam * Σ|w|`` over every Conv2d/Linear weight to the loss."""
+
+    name = "l1-penalty"
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        return self.lam * sum(p.abs().sum() for p in prunable_weights(model).values())
+
+
+class L1Proximal(_L1):
     """After each step: ``w ← sign(w)·max(|w| − lr·lam, 0)`` (the proximal map of ``lr·lam·|w|``)."""
 
     name = "l1-proximal"
-
-    def __init__(self, lam: float):
-        if lam < 0:
-            raise UsageError(f"L1 strength must be >= 0, got {lam}")
-        self.lam = float(lam)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, lr: LearningRate) -> None:
@@ -88,19 +87,12 @@ class L1Proximal(Regularizer):
             shrunk = p - t * torch.sign(p)
             p.copy_(torch.where(p.abs() > t, shrunk, torch.zeros_like(p)))  # exact +0.0 below the threshold
 
-    def describe(self) -> dict:
-        return {"name": self.name, "lambda": self.lam}
 
-
-class L1Mode(Choice):
+class L1Mode(Choice, label="L1 mode"):
     """L1 as a loss term (subgradient) or as a soft-threshold after each step (exact zeros)."""
 
     PENALTY = "penalty"
     PROXIMAL = "proximal"
-
-    @classmethod
-    def label(cls) -> str:
-        return "L1 mode"
 
 
 def make_l1(lam: float, mode: L1Mode | str) -> Regularizer:
@@ -114,21 +106,24 @@ def _group_rows(model: nn.Module, g: UnitLayer) -> list[torch.Tensor]:
     return [params[p].view(g.units, -1) for p in g.params]
 
 
-def _check_groups(lam: float, groups: Sequence[UnitLayer]) -> None:
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise UsageError(f"group-lasso strength must be a number >= 0, got {lam}")
-    if not groups:
-        raise UsageError("group lasso needs unit groups, and the model has no removable units")
+class _GroupLasso(Regularizer):
+    """``lam · Σ_g √|g|·‖w_g‖₂`` over the unit ``groups``; subclasses apply it as a penalty or a proximal map."""
+
+    def __init__(self, lam: float, groups: Sequence[UnitLayer]):
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise UsageError(f"group-lasso strength must be a number >= 0, got {lam}")
+        if not groups:
+            raise UsageError("group lasso needs unit groups, and the model has no removable units")
+        self.lam, self.groups = float(lam), list(groups)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "lambda": self.lam, "layers": [g.layer for g in self.groups]}
 
 
-class GroupLassoPenalty(Regularizer):
+class GroupLassoPenalty(_GroupLasso):
     """Adds ``lam · Σ_g √|g|·‖w_g‖₂`` over every unit group to the loss (subgradient 0 at w_g = 0)."""
 
     name = "group-lasso-penalty"
-
-    def __init__(self, lam: float, groups: Sequence[UnitLayer]):
-        _check_groups(lam, groups)
-        self.lam, self.groups = float(lam), list(groups)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         total = 0.0
@@ -137,20 +132,13 @@ class GroupLassoPenalty(Regularizer):
             total = total + math.sqrt(g.group_size) * torch.linalg.vector_norm(rows, dim=1).sum()
         return self.lam * total
 
-    def describe(self) -> dict:
-        return {"name": self.name, "lambda": self.lam, "layers": [g.layer for g in self.groups]}
 
-
-class GroupLassoProximal(Regularizer):
+class GroupLassoProximal(_GroupLasso):
     """After each step, for every unit group g: ``w_g ← w_g · max(0, 1 − lr·lam·√|g| / ‖w_g‖₂)``, the
     proximal map of ``lr·lam·√|g|·‖w_g‖₂`` (block soft-thresholding): a group whose norm is at most
     the threshold becomes exactly zero, the others shrink toward zero along their own direction."""
 
     name = "group-lasso-proximal"
-
-    def __init__(self, lam: float, groups: Sequence[UnitLayer]):
-        _check_groups(lam, groups)
-        self.lam, self.groups = float(lam), list(groups)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, lr: LearningRate) -> None:
@@ -163,9 +151,6 @@ class GroupLassoProximal(Regularizer):
             for r in rows:
                 r.mul_(factor.to(r.dtype).unsqueeze(1))
                 r.masked_fill_(factor.unsqueeze(1).expand_as(r) == 0, 0.0)  # +0.0, not -0.0
-
-    def describe(self) -> dict:
-        return {"name": self.name, "lambda": self.lam, "layers": [g.layer for g in self.groups]}
 
 
 SPARSE_REGULARIZERS = ("l1", "group-lasso")

@@ -16,13 +16,15 @@ from torch import nn
 from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
 from obdprune.errors import DataError, ModelFileError, UsageError
-from obdprune.methods import Method, PruneConfig, PrunePoint, measured_sparsity, prune_model
+from obdprune.measure import measured_sparsity
+from obdprune.methods import Method, PruneConfig, PrunePoint, prune_model
 from obdprune.models import build_model, model_spec, rebuild_model
 from obdprune.report import write_study_outputs
 from obdprune.runfile import LoadedRun, load_run, save_run
 from obdprune.train import TrainConfig, evaluate, train
 
-__all__ = ["DataSpec", "load_data", "load_run_data", "train_dense", "prune_dense", "run_compare", "result_label"]
+__all__ = ["DataSpec", "load_data", "load_run_data", "dataset_manifest_entry", "run_metrics", "train_dense",
+           "prune_dense", "run_compare", "result_label"]
 
 
 class DataSpec(dict):
@@ -64,14 +66,18 @@ def load_run_data(run: LoadedRun, data_dir: str | None = None) -> Dataset:
     return data
 
 
-def _dataset_entry(spec: dict, data: Dataset) -> dict:
+def dataset_manifest_entry(spec: dict, data: Dataset) -> dict:
+    """The ``dataset`` entry of a run manifest: the load ``spec`` (a :class:`DataSpec`) plus what was
+    loaded (source, image shape, classes, normalization, split sizes), so the run can reload and check it."""
     return {**spec, "source": data.source, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
             "pixel_scale": data.pixel_scale,
             "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
 
 
-def _metrics(model: nn.Module, data: Dataset, device) -> dict:
+def run_metrics(model: nn.Module, data: Dataset, device: str | torch.device = "cpu") -> dict:
+    """The ``metrics`` entry of a run manifest: validation and test accuracy and loss of ``model`` on
+    ``data``, and its Conv2d/Linear weight count, nonzero count and sparsity."""
     val_acc, val_loss = evaluate(model, data.val, device=device)
     test_acc, test_loss = evaluate(model, data.test, device=device)
     sparsity, nonzero, total = measured_sparsity(model)
@@ -89,13 +95,13 @@ def train_dense(data: Dataset, spec: dict, model_name: str, cfg: TrainConfig, *,
     manifest = {
         "kind": "dense",
         "model": model_spec(model_name, data.input_shape, data.num_classes),
-        "dataset": _dataset_entry(spec, data),
+        "dataset": dataset_manifest_entry(spec, data),
         "seed": cfg.seed,
         "device": str(device),
         "train": cfg.to_dict(),
         "history": history,
         "seconds": time.perf_counter() - t0,
-        "metrics": _metrics(model, data, device),
+        "metrics": run_metrics(model, data, device),
     }
     if out is not None:
         save_run(out, model.cpu(), manifest)
@@ -237,7 +243,7 @@ def run_compare(
         if state is not None and state.done(stage) is None:
             state.finish(stage, rs)
     if measure and summary["results"]:
-        from obdprune.deploy import measure_study
+        from obdprune.measure import measure_study
 
         log("measuring: compaction, checked ONNX export, sizes, latency side by side (1 thread)")
         measure_study(summary, dense_model, data.test.x[:256], out, repeats=measure_repeats)

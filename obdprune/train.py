@@ -21,24 +21,16 @@ from obdprune.regularize import NoRegularizer, Regularizer
 __all__ = ["TrainConfig", "train", "evaluate", "seed_everything"]
 
 
-class OptimizerName(Choice):
+class OptimizerName(Choice, label="optimizer"):
     SGD = "sgd"
     ADAM = "adam"
     ADAMW = "adamw"
 
-    @classmethod
-    def label(cls) -> str:
-        return "optimizer"
 
-
-class ScheduleName(Choice):
+class ScheduleName(Choice, label="schedule"):
     ONECYCLE = "onecycle"
     COSINE = "cosine"
     CONSTANT = "constant"
-
-    @classmethod
-    def label(cls) -> str:
-        return "schedule"
 
 
 @dataclass(frozen=True)

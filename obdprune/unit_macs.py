@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from obdprune.errors import UsageError
-from obdprune.groups import UnitLayer, _checked_scores, removed_units, unit_floor, unit_keep_masks
-from obdprune.masking import PRUNABLE_TYPES, MaskSet
+from obdprune.groups import UnitLayer, checked_unit_scores, removed_units, unit_floor, unit_keep_masks
+from obdprune.layers import prunable_layers
+from obdprune.masking import MaskSet
 from obdprune.measure import macs_per_layer
 
 __all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs"]
@@ -111,7 +112,7 @@ def mac_model(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence[U
         warnings.simplefilter("ignore")
         macs = macs_per_layer(model, example_inputs[:1])
     out = tuple(LayerMacs(n, macs[n], m.weight.shape[0], m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
-                for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n in macs)
+                for n, m in prunable_layers(model) if n in macs)
     return MacModel(out, tuple(groups))
 
 
@@ -148,7 +149,7 @@ def select_units_by_macs(
     if multiple < 1:
         raise UsageError(f"channel multiple must be >= 1, got {multiple}")
     groups = mac_model.groups
-    scores = [_checked_scores(unit_scores, g) for g in groups]
+    scores = [checked_unit_scores(unit_scores, g) for g in groups]
     before = [removed_units(g, current) for g in groups]
     orders, lowest = [], []
     for g, s, b in zip(groups, scores, before):

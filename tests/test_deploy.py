@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from obdprune.deploy import export_run, measure_models, speed_table
+from obdprune.deploy import export_run
 from obdprune.export import load_sparse
 from obdprune.masking import prunable_weights, select_masks
+from obdprune.measure import measure_models, measure_study, speed_table
 from obdprune.models import build_model, model_spec
 from obdprune.runfile import load_run, save_run
 
@@ -70,3 +71,16 @@ def test_unknown_export_format(tmp_path):
     run = _pruned_run(tmp_path)
     with pytest.raises(UsageError, match="onnx, safetensors, sparse"):
         export_run(run, "tflite", tmp_path / "x", check_inputs=torch.randn(4, 1, 8, 8))
+
+
+def test_measure_study_adds_measurements_to_a_summary(tmp_path):
+    run = _pruned_run(tmp_path)
+    dense = build_model("lenet5", (1, 8, 8), 10)
+    summary = {"dense": {"test_accuracy": 0.9}, "results": [{"path": str(tmp_path / "run"), "test_accuracy": 0.8}]}
+    out = measure_study(summary, dense, torch.randn(8, 1, 8, 8), tmp_path / "study", repeats=2, batch_sizes=(1,))
+    assert out is summary
+    r = summary["results"][0]
+    assert r["weights_after_compaction"] < summary["dense"]["weights_after_compaction"]
+    assert set(r["latency_ms"]["torch"]) == {"1"}
+    assert "| run | 80.00% |" in summary["speed_table"] and "| dense | 90.00% |" in summary["speed_table"]
+    assert {p.name for p in (tmp_path / "study" / "onnx").iterdir()} == {"dense.onnx", "run.onnx"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn as nn
 
 from obdprune.errors import UsageError
 from obdprune.measure import (
+    Clock,
     bytes_dense_fp32,
     bytes_sparse,
     count_macs,
@@ -17,8 +19,9 @@ from obdprune.measure import (
     file_sizes,
     latency_onnxruntime,
     latency_torch,
-    measure_model,
+    measure_models,
     measure_side_by_side,
+    measured_sparsity,
 )
 from obdprune.export import export_onnx
 
@@ -102,18 +105,29 @@ def test_side_by_side() -> None:
             assert all(math.isfinite(v) and v > 0 for v in per_backend.values())
 
 
-def test_measure_model(tmp_path) -> None:
+def test_measure_models_on_random_check_inputs(tmp_path) -> None:
     m = lenet()
-    r = measure_model(m, (1, 28, 28), onnx_dir=tmp_path, batch_sizes=(1, 8), repeats=2, warmup=1)
+    r = measure_models({"pruned": m}, (1, 28, 28), onnx_dir=tmp_path, batch_sizes=(1, 8), repeats=2,
+                       warmup=1)["pruned"]
     assert r["weights"] == 150 + 2400 + 30720 + 1200
     assert r["nonzero_weights"] == count_nonzero_weights(m) < r["weights"]
+    assert measured_sparsity(m) == (1 - r["nonzero_weights"] / r["weights"], r["nonzero_weights"], r["weights"])
     assert r["weights_after_compaction"] < r["weights"]
     assert r["macs_effective"] < r["macs_dense"]
     assert r["macs_after_compaction"] < r["macs_dense"]
     assert r["bytes_sparse"] < r["bytes_dense_fp32"]
-    assert r["bytes_onnx_compacted"] > 0
-    for key in ("latency_ms", "latency_ms_dense"):
-        assert set(r[key]) == {"torch", "onnxruntime"}
-        assert all(math.isfinite(v) and v > 0 for d in r[key].values() for v in d.values())
-        assert set(r[key]["torch"]) == {"1", "8"}
-    assert {p.name for p in tmp_path.iterdir()} == {"compacted.onnx", "dense.onnx"}
+    assert r["bytes_onnx_compacted"] > 0 and r["onnx_max_abs_diff"] <= 1e-4
+    assert set(r["latency_ms"]) == {"torch", "onnxruntime"}
+    assert all(math.isfinite(v) and v > 0 for d in r["latency_ms"].values() for v in d.values())
+    assert set(r["latency_ms"]["torch"]) == {"1", "8"}
+    assert {p.name for p in tmp_path.iterdir()} == {"pruned.onnx"}
+
+
+def test_clock_cpu_leaves_out_waiting() -> None:
+    assert Clock.WALL.elapsed_ms(lambda: time.sleep(0.05)) >= 50
+    assert Clock.CPU.elapsed_ms(lambda: time.sleep(0.05)) < 25  # asleep, the process spends no CPU time
+    assert Clock.parse("cpu") is Clock.CPU
+    with pytest.raises(UsageError, match="clock 'gpu'; choose one of: wall, cpu"):
+        Clock.parse("gpu")
+    m = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    assert latency_torch(m, 1, (1, 28, 28), repeats=2, warmup=0, clock="cpu") >= 0

@@ -18,7 +18,7 @@ __all__ = ["CurvatureKind", "estimate_curvature"]
 _DEPRECATED = {"exact": "ggn", "mc": "ggn-mc", "hutchinson": "hessian-hutchinson"}
 
 
-class CurvatureKind(Choice):
+class CurvatureKind(Choice, label="curvature"):
     """Which diagonal curvature OBD uses.
 
     ``ggn``: exact generalized Gauss–Newton diagonal (= Fisher for cross-entropy); ``ggn-mc``: its Monte
@@ -30,10 +30,6 @@ class CurvatureKind(Choice):
     GGN_MC = "ggn-mc"
     EMPIRICAL_FISHER = "empirical-fisher"
     HESSIAN_HUTCHINSON = "hessian-hutchinson"
-
-    @classmethod
-    def label(cls) -> str:
-        return "curvature"
 
     @classmethod
     def parse(cls, value: "str | CurvatureKind") -> "CurvatureKind":

@@ -6,16 +6,12 @@ from torch import Tensor
 from obdprune.choices import Choice
 
 
-class NegativeCurvature(Choice):
+class NegativeCurvature(Choice, label="negative-curvature policy"):
     """CLAMP: max(h, 0); ABS: |h|; KEEP: h unchanged (saliency may then be negative)."""
 
     CLAMP = "clamp"
     ABS = "abs"
     KEEP = "keep"
-
-    @classmethod
-    def label(cls) -> str:
-        return "negative-curvature policy"
 
 
 def apply_negative_curvature_policy(h: Tensor, policy: "NegativeCurvature | str") -> Tensor:
