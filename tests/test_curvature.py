@@ -434,12 +434,12 @@ def test_bad_arguments_are_usage_errors():
 
 def test_estimate_curvature_dispatches():
     model, x, y = make("conv-stride-pad")
-    assert_close(estimate_curvature("exact", model, x, y), diag_ggn(model, x, y), rtol=0)
+    assert_close(estimate_curvature("ggn", model, x, y), diag_ggn(model, x, y), rtol=0)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    assert_close(estimate_curvature("mc", model, x, y, samples=3, generator=gen()),
+    assert_close(estimate_curvature("ggn-mc", model, x, y, samples=3, generator=gen()),
                  diag_ggn(model, x, y, method="mc", mc_samples=3, generator=gen()), rtol=0)
     assert_close(estimate_curvature("empirical-fisher", model, x, y), diag_empirical_fisher(model, x, y), rtol=0)
-    assert_close(estimate_curvature("hutchinson", model, x, y, samples=4, batch_size=2, generator=gen()),
+    assert_close(estimate_curvature("hessian-hutchinson", model, x, y, samples=4, batch_size=2, generator=gen()),
                  diag_hessian(model, x, y, method="hutchinson", samples=4, generator=gen()), rtol=1e-12)
 
 
