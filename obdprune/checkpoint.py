@@ -205,13 +205,13 @@ class StudyState:
             stages, round_files, old_args = dict(rec["stages"]), dict(rec["rounds"]), dict(rec["args"])
             old_command = str(rec["command"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelFileError(f"{path} is not a readable obdprune state record ({e}); choose a new --out") from None
+            raise ModelFileError(f"{path} is not a readable obdprune state record ({e}); choose another output folder") from None
         if old_command != command:
-            raise UsageError(f"{folder} holds an `obdprune {old_command}` run, not `{command}`; choose a new --out")
+            raise UsageError(f"{folder} holds an `obdprune {old_command}` run, not `{command}`; choose another output folder")
         diffs = argument_differences(old_args, args)
         if diffs:
             raise UsageError(f"cannot resume {folder}: it was started with other arguments: {'; '.join(diffs)}. "
-                             f"Rerun with the original arguments, or choose a new --out")
+                             f"Rerun with the original arguments, or choose another output folder")
         _remove_stale_partials(folder)
         return cls(folder, command, args, stages, round_files)
 
