@@ -369,10 +369,10 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
     of the channels, a layer called twice), when nothing reads them, or when the user keeps them.
 
     Example:
-        >>> from obdprune.models import build_model
-        >>> a = unit_analysis(build_model("resnet20", (3, 8, 8), 10, width=4), torch.zeros(1, 3, 8, 8))
-        >>> a.groups[0].layer, a.groups[0].producers[:2], a.excluded["11"][0].value
-        ('0', ('1.body.3', '2.body.3'), 'output layer')
+        >>> from obdprune.models.cnn import resnet20
+        >>> a = unit_analysis(resnet20((3, 8, 8), 10, width=4), torch.zeros(1, 3, 8, 8))
+        >>> a.groups[0].layer, a.groups[0].producers, a.excluded["14"][0].value
+        ('0', ('5.body.3', '4.body.3', '3.body.3'), 'output layer')
     """
     scratch = copy.deepcopy(model).eval()
     for p in scratch.parameters():
