@@ -182,7 +182,8 @@ class Pruner:
         self.example_inputs = example_inputs
         self.selector = make_selector(model, example_inputs, granularity=self.config.granularity,
                                       budget=self.config.budget, scope=self.config.scope,
-                                      layer_floor=self.config.layer_floor, channel_multiple=self.config.channel_multiple)
+                                      layer_floor=self.config.layer_floor, channel_multiple=self.config.channel_multiple,
+                                      min_units=self.config.min_units, keep=self.config.keep)
         self.masks = MaskSet.dense(model)
         cfg = self.config
         self.regularizer = (self.selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if cfg.method.regularized

@@ -106,6 +106,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="with --budget macs: every layer keeps a multiple of N units (or all); 8 suits onnxruntime's "
                         "convolution kernels on AVX2 CPUs")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
+    p.add_argument("--min-units", type=_positive_int, default=4, help="channel granularity: every layer keeps at least N units "
+                   "(all of them if it has fewer)")
+    p.add_argument("--keep", nargs="+", default=[], metavar="NAME", help="channel granularity: layers (module names) "
+                   "that never lose units, e.g. the classifier head")
     p.add_argument("--prune-step", type=_fraction_open, default=0.6,
                    help="at most this fraction of the remaining weights (MACs with --budget macs) goes per round")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
@@ -271,7 +275,7 @@ def _prune_cfg(args, method: str):
                        curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
                        granularity=args.granularity, budget=args.budget,
-                       channel_multiple=args.channel_multiple)
+                       channel_multiple=args.channel_multiple, min_units=args.min_units, keep=tuple(args.keep))
 
 
 def _need_target(args) -> None:

@@ -26,13 +26,15 @@ import torch_pruning as tp
 from torch import nn
 
 from obdprune.autograd_ops import CHANNELWISE_UNARY_OPS, SPATIAL_REDUCE_OPS, op_name, reduces_only_spatial_dims
+from obdprune.compact import find_dead_units
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
 from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, prunable_layers
 from obdprune.masking import MaskSet, Scope, prunable_weights
 
 __all__ = [
-    "Granularity", "UnitLayer", "unit_groups", "unit_floor", "removed_units", "select_unit_masks",
+    "Granularity", "UnitLayer", "UnitMember", "UnitAnalysis", "Exclusion", "DEFAULT_MIN_UNITS", "unit_analysis",
+    "unit_groups", "unit_floor", "removed_units", "select_unit_masks",
     "max_unit_sparsity", "group_parameters", "total_prunable_weights", "unit_keep_masks", "checked_unit_scores",
 ]
 
@@ -44,22 +46,48 @@ class Granularity(Choice):
     CHANNEL = "channel"
 
 
+DEFAULT_MIN_UNITS = 4
+"""Units every layer keeps unless told otherwise (all of them when it has fewer)."""
+
+
+@dataclass(frozen=True)
+class UnitMember:
+    """A parameter a unit spans besides its layer's own: row ``rows[i]`` of ``param`` (rows along dim 0)
+    belongs to unit ``i``; e.g. the other convs of a residual sum, a depthwise conv, their BatchNorms,
+    the slice of a BatchNorm that normalizes a concatenation."""
+
+    param: str
+    shape: tuple[int, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def row_size(self) -> int:
+        return math.prod(self.shape[1:])
+
+
 @dataclass(frozen=True)
 class UnitLayer:
-    """The output units of one Conv/Linear layer; unit ``i`` is ``{model[p][i] for p in params}``.
+    """The output units of one Conv/Linear layer and of every layer coupled to it; unit ``i`` is
+    ``{model[p][i] for p in params} ∪ {model[m.param][m.rows[i]] for m in coupled}``.
 
-    layer: dotted module name (``"features.0"``).
+    layer: dotted module name (``"features.0"``) of the first layer (in module order) whose outputs
+      are the units; scores are keyed by it.
     params: dotted parameter names, the layer's ``weight`` first, then its ``bias`` and the
       following BatchNorm's ``weight`` and ``bias`` where present; each has ``units`` rows (dim 0).
     weight_shape: shape of ``weight``: (units, in/groups, kH, kW) or (units, in).
     readers: (layer, span) for every Conv/Linear layer that reads the units: each unit feeds ``span``
       of that layer's input features (1 for a channel, H*W for a Linear after Flatten).
+    coupled: the members in other layers (empty when nothing is tied to ``layer``: a LeNet's units).
+    producers: the other Conv/Linear layers whose output channels are the units (the convs on both
+      sides of a residual sum, a depthwise conv): removing a unit removes one output of each.
     """
 
     layer: str
     params: tuple[str, ...]
     weight_shape: tuple[int, ...]
     readers: tuple[tuple[str, int], ...] = ()
+    coupled: tuple[UnitMember, ...] = ()
+    producers: tuple[str, ...] = ()
 
     @property
     def weight(self) -> str:
@@ -70,24 +98,38 @@ class UnitLayer:
         return self.weight_shape[0]
 
     @property
+    def layers(self) -> tuple[str, ...]:
+        """Every Conv/Linear layer that loses an output with a unit, ``layer`` first."""
+        return (self.layer, *self.producers)
+
+    @property
     def fan_in(self) -> int:
-        """Conv/Linear weights of one unit: what removing it counts toward the sparsity."""
-        return math.prod(self.weight_shape[1:])
+        """Conv/Linear weights of one unit (its layer's and every producer's row): what removing it
+        counts toward the sparsity."""
+        own = math.prod(self.weight_shape[1:])
+        weights = {f"{p}.weight" for p in self.producers}
+        return own + sum(m.row_size for m in self.coupled if m.param in weights)
 
     @property
     def group_size(self) -> int:
-        """Entries of one unit's group |g|: ``fan_in`` plus one per bias / BatchNorm parameter."""
-        return self.fan_in + len(self.params) - 1
+        """Entries of one unit's group |g|: the layer's weight row, one per bias / BatchNorm parameter,
+        and the rows of every coupled member."""
+        return math.prod(self.weight_shape[1:]) + len(self.params) - 1 + sum(m.row_size for m in self.coupled)
 
     @property
     def weights(self) -> int:
         return self.units * self.fan_in
 
+    def members(self) -> list[tuple[str, tuple[int, ...], torch.Tensor | None]]:
+        """(parameter, its shape, rows of units 0..units-1 or None for rows 0..units-1) of every member."""
+        own = [(p, self.weight_shape if p == self.weight else (self.units,), None) for p in self.params]
+        return own + [(m.param, m.shape, torch.tensor(m.rows, dtype=torch.long)) for m in self.coupled]
+
 
 def group_parameters(model: nn.Module, groups: Sequence[UnitLayer]) -> dict[str, nn.Parameter]:
     """Every parameter that belongs to some unit group, by dotted name."""
     params = dict(model.named_parameters())
-    return {p: params[p] for g in groups for p in g.params}
+    return {p: params[p] for g in groups for p, _, _ in g.members()}
 
 
 def _layer_outputs_feeding_model_outputs(outputs: list[torch.Tensor], layer_gfs: dict[Any, str]) -> set[str]:
@@ -107,86 +149,310 @@ def _layer_outputs_feeding_model_outputs(outputs: list[torch.Tensor], layer_gfs:
     return found
 
 
-def _supported_item(dg: tp.DependencyGraph, item: Any, root: nn.Module, units: int) -> str | None:
-    """Role of one Torch-Pruning group item for a unit group: ``bn``, ``reader``, ``pass`` (an op
-    that carries zero channels as zero), or None when the layer's units cannot be removed alone."""
+class Exclusion(Choice):
+    """Why a layer has no removable units."""
+
+    OUTPUT = "output layer"
+    INPUT = "tied to the network input"
+    UNSUPPORTED = "unsupported op"
+    PROTECTED = "protected by the user"
+    MINIMUM = "at its minimum"
+
+
+@dataclass(frozen=True)
+class UnitAnalysis:
+    """The unit groups of a model and, for every Conv/Linear layer in none, why.
+
+    excluded: {layer: (kind, detail)}, e.g. ``{"fc": (Exclusion.OUTPUT, "its outputs are the model's")}``.
+    """
+
+    groups: tuple[UnitLayer, ...]
+    excluded: Mapping[str, tuple[Exclusion, str]]
+
+    def explain(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> list[str]:
+        """One line per layer that cannot lose units: ``"name: kind (detail)"``, layers at their
+        minimum (``min_units`` / ``layer_floor``) included."""
+        lines = [f"{n}: {k.value} ({d})" for n, (k, d) in self.excluded.items()]
+        for g in self.groups:
+            floor = unit_floor(g.units, layer_floor, min_units)
+            if floor >= g.units:
+                lines += [f"{n}: {Exclusion.MINIMUM.value} ({g.units} units, keeps at least {floor})" for n in g.layers]
+        return lines
+
+
+class _Excluded(Exception):
+    def __init__(self, kind: Exclusion, detail: str):
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+        self.layers: list[str] | None = None
+
+
+def _op_label(m: Any) -> str:
+    gf = getattr(m, "_grad_fn", None)
+    return str(gf).rstrip("0123456789") if gf is not None else type(m).__name__.strip("_")
+
+
+def _check_op(item: Any, names: Mapping[Any, str]) -> str | None:
+    """Raise :class:`_Excluded` unless the group item is an op that carries a zero channel as zero
+    (or, for a sum, tells that the sum has an operand no layer produces: the network input). Returns the
+    op's name when it maps 0 to something else (a sigmoid): whether the unit is still removable depends
+    on what follows (a product with a zero channel), which :func:`_probe_dead` checks."""
     m = item.dep.target.module
-    out = dg.is_out_channel_pruning_fn(item.dep.handler)
-    if m is root:
-        return "pass" if out else None
-    if isinstance(m, BATCH_NORM_TYPES):
-        return "bn" if out and m.affine and m.num_features == units else None
-    if isinstance(m, PRUNABLE_TYPES):
-        depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
-        return "reader" if not out and not depthwise else None  # a coupled producer: residual sum
     if isinstance(m, tp.ops._ElementWiseOp):
         full = str(m._grad_fn)  # Torch-Pruning keeps the autograd node's name
         name = op_name(full)
         if name == "TBackward" and not item.dep.target.inputs:
-            return "pass"  # the transposed weight of a reading Linear
+            return  # the transposed weight of a reading Linear
         if full in SPATIAL_REDUCE_OPS:  # a mean or sum over spatial dims (global average pooling)
-            return "pass" if reduces_only_spatial_dims(item.dep.target.grad_fn) else None
-        return "pass" if CHANNELWISE_UNARY_OPS.get(name, False) else None
+            if reduces_only_spatial_dims(item.dep.target.grad_fn):
+                return
+            raise _Excluded(Exclusion.UNSUPPORTED, f"{name} over the batch or channel dim")
+        if name in ("AddBackward", "SubBackward"):
+            gf = item.dep.target.grad_fn
+            if any(f is None for f, _ in gf.next_functions):
+                raise _Excluded(Exclusion.INPUT, f"{name} of a tensor no layer produces")
+            return
+        if name in CHANNELWISE_UNARY_OPS and not CHANNELWISE_UNARY_OPS[name]:
+            return name.removesuffix("Backward")
+        if name in ("MulBackward", "DivBackward") or name in CHANNELWISE_UNARY_OPS or name.startswith(_VIEW_OPS):
+            return None
+        if name in ("NativeLayerNormBackward", "NativeGroupNormBackward"):
+            raise _Excluded(Exclusion.UNSUPPORTED, f"{name[6:-8]} normalizes across channels")
+        raise _Excluded(Exclusion.UNSUPPORTED, name)
     if isinstance(m, (tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp)):
-        return "pass"
+        return
+    if isinstance(m, tp.ops._OutputOp):
+        raise _Excluded(Exclusion.OUTPUT, "its channels are a model output")
+    if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        raise _Excluded(Exclusion.UNSUPPORTED, f"{type(m).__name__} {names.get(m, '?')!r} normalizes across channels")
+    if isinstance(m, nn.Parameter):
+        raise _Excluded(Exclusion.UNSUPPORTED, "a parameter used outside a module (e.g. a layer scale)")
+    raise _Excluded(Exclusion.UNSUPPORTED, _op_label(m))
+
+
+_VIEW_OPS = ("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "SqueezeBackward", "UnsqueezeBackward",
+             "PermuteBackward", "CloneBackward")
+
+
+def _layer_problem(m: nn.Module, name: str, in_dims: Mapping[str, int]) -> str | None:
+    """Why the channels of this Conv/Linear layer cannot be removed one by one, or None."""
+    if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+        return f"grouped convolution {name!r} (groups={m.groups})"
+    if isinstance(m, nn.Linear) and in_dims.get(name, 2) != 2:
+        return f"Linear {name!r} on a {in_dims[name]}-D input (only (N, features) inputs are compacted)"
     return None
 
 
+def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, str], at_output: set[str],
+                   in_dims: Mapping[str, int]) -> tuple[UnitLayer, list[str], list[str]]:
+    """The unit group rooted at ``root`` and the Conv/Linear layers whose outputs it covers; raises
+    :class:`_Excluded` (with those layers in ``layers``) when its units cannot be removed exactly."""
+    units = root.weight.shape[0]
+    problem = _layer_problem(root, names[root], in_dims)
+    if problem is not None:
+        raise _excluded_with(Exclusion.UNSUPPORTED, problem, [names[root]])
+    try:
+        with torch.enable_grad():
+            items = list(dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
+                                              list(range(units))).items)
+    except Exception as e:  # the graph library's index mapping (e.g. a channel shuffle)
+        err = _Excluded(Exclusion.UNSUPPORTED, f"the channel graph library fails on it ({type(e).__name__})")
+        err.layers = [names[root]]
+        raise err from None
+    producers: list[str] = []
+    for it in items:
+        m = it.dep.target.module
+        if isinstance(m, PRUNABLE_TYPES) and dg.is_out_channel_pruning_fn(it.dep.handler) and m in names:
+            producers.append(names[m])
+    producers = list(dict.fromkeys(producers))
+    root_name = names[root]
+    try:
+        own, coupled, readers, bn_taken, nonzero_ops = [f"{root_name}.weight"], [], [], False, []
+        if root.bias is not None:
+            own.append(f"{root_name}.bias")
+        seen: set[str] = set(own)
+        for it in items:
+            m, out = it.dep.target.module, dg.is_out_channel_pruning_fn(it.dep.handler)
+            idxs, roots = list(it.idxs), list(it.root_idxs)
+            if m is root:
+                continue
+            if isinstance(m, PRUNABLE_TYPES):
+                name = names[m]
+                problem = _layer_problem(m, name, in_dims)
+                if problem is not None:
+                    raise _Excluded(Exclusion.UNSUPPORTED, problem)
+                if not out:
+                    n_in = m.weight.shape[1] * getattr(m, "groups", 1)
+                    if len(idxs) % units or max(idxs) >= n_in:
+                        raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
+                    readers.append((name, len(idxs) // units))
+                    continue
+                members = [(f"{name}.weight", tuple(m.weight.shape))]
+                members += [(f"{name}.bias", tuple(m.bias.shape))] if m.bias is not None else []
+                if sorted(idxs) != list(range(units)) or m.weight.shape[0] != units:
+                    raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
+            elif isinstance(m, BATCH_NORM_TYPES):
+                if not out or not m.affine:
+                    raise _Excluded(Exclusion.UNSUPPORTED, f"BatchNorm {names[m]!r} without scale and shift")
+                if len(idxs) != units or len(set(idxs)) != units or max(idxs) >= m.num_features:
+                    raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
+                members = [(f"{names[m]}.weight", (m.num_features,)), (f"{names[m]}.bias", (m.num_features,))]
+                if not bn_taken and m.num_features == units and idxs == roots == list(range(units)):
+                    bn_taken = True
+                    own += [p for p, _ in members]
+                    seen.update(own)
+                    continue
+            else:
+                op = _check_op(it, names)
+                if op is not None:
+                    nonzero_ops.append(op)
+                continue
+            rows = tuple(int(i) for _, i in sorted(zip(roots, idxs)))
+            for p, shape in members:
+                if p not in seen:
+                    seen.add(p)
+                    coupled.append(UnitMember(p, shape, rows))
+        tied = [p for p in producers if p in at_output]
+        if tied:
+            raise _Excluded(Exclusion.OUTPUT, f"{tied[0]!r} feeds a model output" if tied[0] != root_name
+                            else "its outputs are model outputs")
+        if not readers:
+            raise _Excluded(Exclusion.UNSUPPORTED, "no Conv/Linear layer reads its units")
+    except _Excluded as err:
+        err.layers = producers
+        raise
+    return (UnitLayer(layer=root_name, params=tuple(own), weight_shape=tuple(root.weight.shape),
+                      readers=tuple(dict.fromkeys(readers)), coupled=tuple(coupled),
+                      producers=tuple(p for p in producers if p != root_name)), producers,
+            list(dict.fromkeys(nonzero_ops)))
+
+
+def _probe_dead(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence[UnitLayer]) -> list[bool]:
+    """For each group: whether zeroing unit 0 (every member) lets compaction remove that unit from every
+    layer of the group (checked with compaction's own analysis, all groups at once)."""
+    scratch = copy.deepcopy(model).eval()
+    params = dict(scratch.named_parameters())
+    with torch.no_grad():
+        for g in groups:
+            for p, _, rows in g.members():
+                params[p].view(params[p].shape[0], -1)[0 if rows is None else int(rows[0])] = 0
+    dead = find_dead_units(scratch, example_inputs)
+    return [all(bool(dead[n][0]) for n in g.layers) for g in groups]
+
+
+def _protected(model: nn.Module, keep: Sequence[str]) -> set[str]:
+    modules = dict(model.named_modules())
+    unknown = [k for k in keep if k not in modules or not k]
+    if unknown:
+        layers = [n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES)]
+        raise UsageError(f"keep names no module of the model: {', '.join(map(repr, unknown))}; "
+                         f"its Conv/Linear layers are {', '.join(layers[:8])}{', ...' if len(layers) > 8 else ''}")
+    return {n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES) and any(
+        n == k or n.startswith(k + ".") for k in keep)}
+
+
 @torch.inference_mode(False)
-def unit_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[UnitLayer]:
-    """The removable output units of every Conv2d/Linear layer of ``model``, in module order.
+def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Sequence[str] = ()) -> UnitAnalysis:
+    """The coupled units of every Conv2d/Linear layer of ``model`` and why the other layers have none.
 
     example_inputs: a batch (N, C, H, W) the model accepts; traced on a copy (``model`` is untouched).
-    A layer is left out (never channel-pruned) when its units are not independent removable units:
-    it feeds a model output (the classifier: its units are the classes), no Conv/Linear reads it,
-    it is called more than once, its channels are tied to another layer's (a residual sum, a
-    depthwise convolution), or something between it and its readers does not map a zero channel
-    to zero (a non-affine BatchNorm, a sigmoid, an op Torch-Pruning does not model).
+    keep: module names whose Conv/Linear layers (themselves or below them) never lose units.
+
+    A unit is a channel index together with every layer tied to it (from Torch-Pruning's dependency
+    graph): the convs, linears and BatchNorms on both sides of a residual sum, the slices of a
+    concatenation (and the BatchNorms that normalize them), a depthwise conv's input and output
+    channel. A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they feed a model
+    output, a sum with the network input, when a layer or op on the way is one whose channels cannot
+    be removed alone (a grouped conv, a norm across channels, a non-affine BatchNorm, a reshape
+    of the channels, a layer called twice), when nothing reads them, or when the user keeps them.
+
+    Example:
+        >>> from obdprune.models.cnn import resnet20
+        >>> a = unit_analysis(resnet20((3, 8, 8), 10, width=4), torch.zeros(1, 3, 8, 8))
+        >>> a.groups[0].layer, a.groups[0].producers, a.excluded["14"][0].value
+        ('0', ('5.body.3', '4.body.3', '3.body.3'), 'output layer')
     """
     scratch = copy.deepcopy(model).eval()
     for p in scratch.parameters():
         p.requires_grad_(True)
     names = {m: n for n, m in scratch.named_modules()}
+    protected = _protected(scratch, keep)
     calls: dict[str, int] = {}
+    in_dims: dict[str, int] = {}
     layer_gfs: dict[Any, str] = {}
 
-    def hook(mod: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         calls[names[mod]] = calls.get(names[mod], 0) + 1
+        in_dims[names[mod]] = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 0
         layer_gfs[out.grad_fn] = names[mod]
 
     layers = prunable_layers(scratch)
     handles = [m.register_forward_hook(hook) for _, m in layers]
+    x = _autograd_ready(example_inputs[:1])
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            outputs = scratch(_autograd_ready(example_inputs[:1]))
+            outputs = scratch(x)
         finally:
             for h in handles:
                 h.remove()
-        dg = tp.DependencyGraph().build_dependency(scratch, example_inputs=_autograd_ready(example_inputs[:1]),
-                                                   verbose=False)
+        try:
+            dg = tp.DependencyGraph().build_dependency(scratch, example_inputs=x, verbose=False)
+        except Exception as e:  # the graph library cannot trace this model at all
+            why = (Exclusion.UNSUPPORTED, f"the channel graph library fails on this model ({type(e).__name__}: {e})")
+            return UnitAnalysis((), {n: why for n, _ in layers})
     outputs = [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
     at_output = _layer_outputs_feeding_model_outputs(outputs, layer_gfs)
 
     groups: list[UnitLayer] = []
+    nonzero_ops: dict[str, list[str]] = {}
+    excluded: dict[str, tuple[Exclusion, str]] = {}
+    covered: set[str] = set()
     for name, m in layers:
-        if name in at_output or calls.get(name) != 1 or m not in dg.module2node:
+        if name in covered:
             continue
-        units = m.weight.shape[0]
-        with torch.enable_grad():
-            items = list(dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0]).items)
-        roles = [_supported_item(dg, it, m, units) for it in items]
-        if None in roles or "reader" not in roles:
+        if m not in dg.module2node:
+            excluded[name] = (Exclusion.UNSUPPORTED, "not reached when the model runs")
             continue
-        bns = [it.dep.target.module for it, r in zip(items, roles) if r == "bn"]
-        if len(bns) > 1:
-            continue
-        params = [f"{name}.weight"] + ([f"{name}.bias"] if m.bias is not None else [])
-        params += [f"{names[bns[0]]}.weight", f"{names[bns[0]]}.bias"] if bns else []
-        readers = tuple((names[it.dep.target.module], len(it.idxs)) for it, r in zip(items, roles) if r == "reader")
-        groups.append(UnitLayer(layer=name, params=tuple(params), weight_shape=tuple(m.weight.shape),
-                                readers=readers))
-    return groups
+        try:
+            group, producers, nonzero_ops[name] = _coupled_group(dg, m, names, at_output, in_dims)
+            covered.update(producers)
+            shared = [p for p in group.layers if calls.get(p) != 1]
+            if shared:
+                raise _excluded_with(Exclusion.UNSUPPORTED, f"{shared[0]!r} is called {calls.get(shared[0], 0)} times",
+                                     group.layers)
+            kept = [p for p in group.layers if p in protected]
+            if kept:
+                raise _excluded_with(Exclusion.PROTECTED, f"keep {kept[0]!r}" + (
+                    f", tied to {', '.join(p for p in group.layers if p != kept[0])}" if len(group.layers) > 1 else ""),
+                    group.layers)
+            groups.append(group)
+        except _Excluded as err:
+            for p in err.layers or [name]:
+                covered.add(p)
+                excluded.setdefault(p, (err.kind, err.detail))
+    if groups:
+        ok = _probe_dead(scratch, x, groups)
+        for g, good in zip(list(groups), ok):
+            if not good:
+                groups.remove(g)
+                ops = ", ".join(nonzero_ops[g.layer]) or "an op on the way"
+                for p in g.layers:
+                    excluded[p] = (Exclusion.UNSUPPORTED, f"{ops} does not keep a zeroed unit at zero")
+    order = {n: i for i, (n, _) in enumerate(layers)}
+    return UnitAnalysis(tuple(groups), dict(sorted(excluded.items(), key=lambda kv: order[kv[0]])))
+
+
+def _excluded_with(kind: Exclusion, detail: str, layers: Sequence[str]) -> _Excluded:
+    err = _Excluded(kind, detail)
+    err.layers = list(layers)
+    return err
+
+
+def unit_groups(model: nn.Module, example_inputs: torch.Tensor, *, keep: Sequence[str] = ()) -> list[UnitLayer]:
+    """The removable (coupled) units of the Conv2d/Linear layers of ``model``, in module order; see
+    :func:`unit_analysis`, which also says why the other layers have none."""
+    return list(unit_analysis(model, example_inputs, keep=keep).groups)
 
 
 def _autograd_ready(x: torch.Tensor) -> torch.Tensor:
@@ -195,9 +461,16 @@ def _autograd_ready(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def unit_floor(units: int, layer_floor: float) -> int:
-    """Units a layer always keeps: ``max(1, ceil(layer_floor * units))``."""
-    return min(units, max(1, math.ceil(layer_floor * units)))
+def unit_floor(units: int, layer_floor: float, min_units: int = DEFAULT_MIN_UNITS) -> int:
+    """Units a layer always keeps: ``max(min_units, ceil(layer_floor * units))``, or all of its ``units``
+    when it has fewer.
+
+    >>> unit_floor(64, 0.01), unit_floor(3, 0.01), unit_floor(64, 0.01, min_units=1), unit_floor(64, 0.5)
+    (4, 3, 1, 32)
+    """
+    if min_units < 1:
+        raise UsageError(f"min units must be >= 1, got {min_units}")
+    return min(units, max(1, min_units, math.ceil(layer_floor * units)))
 
 
 def removed_units(group: UnitLayer, current: MaskSet | None) -> torch.Tensor:
@@ -208,12 +481,12 @@ def removed_units(group: UnitLayer, current: MaskSet | None) -> torch.Tensor:
 
 
 def max_unit_sparsity(groups: Sequence[UnitLayer], total_weights: int, layer_floor: float,
-                      scope: Scope | str = Scope.GLOBAL) -> float:
+                      scope: Scope | str = Scope.GLOBAL, min_units: int = DEFAULT_MIN_UNITS) -> float:
     """Largest sparsity (fraction of ``total_weights``) :func:`select_unit_masks` can reach while every
     layer keeps its floor of units (floored to 1e-6)."""
     if not groups:
         return 0.0
-    floors = [unit_floor(g.units, layer_floor) for g in groups]
+    floors = [unit_floor(g.units, layer_floor, min_units) for g in groups]
     if Scope.parse(scope) is Scope.LAYER:
         return min(math.floor((1.0 - f / g.units) * 1e6) / 1e6 for f, g in zip(floors, groups))
     removable = sum((g.units - f) * g.fan_in for f, g in zip(floors, groups))
@@ -242,6 +515,7 @@ def select_unit_masks(
     scope: Scope | str = Scope.GLOBAL,
     current: MaskSet | None = None,
     layer_floor: float = 0.01,
+    min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:
     """Keep-masks removing whole units with the lowest scores.
 
@@ -256,8 +530,8 @@ def select_unit_masks(
         groups, like the classifier, lose none, so the overall sparsity is lower).
     current: masks in force; a unit whose weights it prunes entirely stays removed, every entry it
       prunes stays pruned, and its other entries are carried over (masks only shrink).
-    layer_floor: every layer keeps ``max(1, ceil(layer_floor * units))`` units; a target that cannot
-      be met under that floor raises UsageError.
+    layer_floor, min_units: every layer keeps :func:`unit_floor` units; a target that cannot be met
+      under that floor raises UsageError.
     Returns masks for every member of every group (weights, biases, BatchNorm scale and shift) plus
     the other masks of ``current``. Ties are broken by layer order, then unit index.
     """
@@ -270,7 +544,7 @@ def select_unit_masks(
         raise ValueError(f"total_weights {total_weights} is less than the grouped layers' weights")
     scores = [checked_unit_scores(unit_scores, g) for g in groups]
     before = [removed_units(g, current) for g in groups]
-    floors = [unit_floor(g.units, layer_floor) for g in groups]
+    floors = [unit_floor(g.units, layer_floor, min_units) for g in groups]
     keep: list[torch.Tensor] = []
     if scope is Scope.LAYER:
         for g, s, b, f in zip(groups, scores, before, floors):
@@ -278,7 +552,7 @@ def select_unit_masks(
             if g.units - n_remove < f:
                 raise UsageError(
                     f"sparsity {sparsity} would leave {g.layer!r} with {g.units - n_remove} of {g.units} units, "
-                    f"below its floor of {f}; lower the target or the layer floor")
+                    f"below its floor of {f}; lower the target, the layer floor or the min units")
             s = torch.where(b, torch.full_like(s, -math.inf), s)
             keep.append(_keep_top(s, g.units - max(n_remove, int(b.sum()))))
     else:
@@ -298,7 +572,8 @@ def select_unit_masks(
         if n_target > removable:
             raise UsageError(
                 f"sparsity {sparsity} would remove {n_target} of {total_weights} weights but whole units can "
-                f"remove at most {removable} while every layer keeps its floor; lower the target or the layer floor")
+                f"remove at most {removable} while every layer keeps its floor; lower the target, the layer floor or "
+                f"the min units")
         order = torch.argsort(index, stable=True)
         order = order[torch.argsort(owner[order], stable=True)]
         order = order[torch.argsort(key[order], stable=True)]
@@ -319,12 +594,20 @@ def unit_keep_masks(groups: Sequence[UnitLayer], keep: Sequence[torch.Tensor], c
     """Masks for every member of every group from per-unit keep flags ``keep[i]`` (units,) bool, and'ed
     with the masks of ``current``, whose other masks are carried over."""
     out = dict(current.masks) if current is not None else {}
+    shared: dict[str, torch.Tensor] = {}  # coupled members some groups share (a BatchNorm after a concatenation)
     for g, kk in zip(groups, keep):
-        for p in g.params:
-            shape = g.weight_shape if p == g.weight else (g.units,)
-            m = kk.reshape((g.units,) + (1,) * (len(shape) - 1)).expand(shape).clone()
-            if current is not None and p in current.masks:
-                m = m.to(current[p].device) & current[p]
+        for p, shape, rows in g.members():
+            if rows is None:
+                m = kk.reshape((g.units,) + (1,) * (len(shape) - 1)).expand(shape).clone()
+                if current is not None and p in current.masks:
+                    m = m.to(current[p].device) & current[p]
+                out[p] = m
+                continue
+            if p not in shared:
+                base = current[p].clone() if current is not None and p in current.masks else torch.ones(shape, dtype=torch.bool)
+                shared[p] = base
+            m = shared[p]
+            m.view(shape[0], -1)[rows[~kk.to(rows.device)].to(m.device)] = False
             out[p] = m
     return MaskSet(out)
 

@@ -35,7 +35,7 @@ from obdprune.choices import Choice
 from obdprune.constraints import StepConstraints
 from obdprune.curvature import CurvatureKind, NegativeCurvature, estimate_curvature
 from obdprune.errors import ObdpruneError, UsageError
-from obdprune.groups import Granularity
+from obdprune.groups import DEFAULT_MIN_UNITS, Granularity
 from obdprune.masking import MaskSet, Scope, masks_from_weights
 from obdprune.measure import measured_sparsity
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer
@@ -101,6 +101,8 @@ class PruneConfig:
     granularity: Granularity = Granularity.ELEMENT
     budget: Budget = Budget.WEIGHTS
     channel_multiple: int = 1
+    min_units: int = DEFAULT_MIN_UNITS
+    keep: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, choice in _CHOICES.items():
@@ -112,6 +114,9 @@ class PruneConfig:
                 raise UsageError("a MAC budget needs channel granularity (removing single weights saves no time)")
             if self.scope is not Scope.GLOBAL:
                 raise UsageError("a MAC budget needs global scope (one ranking of units across layers)")
+        object.__setattr__(self, "keep", (self.keep,) if isinstance(self.keep, str) else tuple(self.keep))
+        if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 1:
+            raise UsageError(f"min units must be an integer >= 1, got {self.min_units!r}")
         if self.channel_multiple < 1:
             raise UsageError(f"channel multiple must be >= 1, got {self.channel_multiple}")
         if self.channel_multiple > 1 and self.budget is not Budget.MACS:
@@ -251,9 +256,11 @@ def _plan(selector: Selector, model: nn.Module, cfg: PruneConfig, targets: list[
     limit = selector.limit(model)
     too_far = [t for t in targets if t > limit]
     if too_far:
+        why = selector.explain()
         raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with a layer floor of "
-                         f"{cfg.layer_floor} and {cfg.scope.value} scope at most {limit:.4f} of the "
-                         f"{selector.counted} can go")
+                         f"{cfg.layer_floor}, min units {cfg.min_units} and {cfg.scope.value} scope at most "
+                         f"{limit:.4f} of the {selector.counted} can go"
+                         + ("; layers that cannot lose units:\n  " + "\n  ".join(why) if why else ""))
     path = sparsity_path(targets, cfg.prune_step,
                          max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
     return _Plan(path, {round(t, 12) for t in targets}, max(targets) if targets else 0.0)
@@ -343,7 +350,8 @@ def prune_model(
     if dense_val_accuracy is None:
         dense_val_accuracy, _ = evaluate(model, splits.val, device=device)
     selector = make_selector(model, example, granularity=cfg.granularity, budget=cfg.budget, scope=cfg.scope,
-                             layer_floor=cfg.layer_floor, channel_multiple=cfg.channel_multiple)
+                             layer_floor=cfg.layer_floor, channel_multiple=cfg.channel_multiple,
+                             min_units=cfg.min_units, keep=cfg.keep)
     plan = _plan(selector, model, cfg, targets, max_drop)
     reg = selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
     run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress)

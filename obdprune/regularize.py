@@ -6,7 +6,8 @@ backward (subgradient form), ``after_step(model, lr)`` runs after each optimizer
 Subgradient L1 leaves weights near zero; the proximal step sets them exactly to zero.
 
 Group lasso (Yuan & Lin 2006) penalizes λ·Σ_g √|g|·‖w_g‖₂ over the unit groups of
-:mod:`obdprune.groups` (a unit's weights, bias and BatchNorm scale and shift together); its proximal
+:mod:`obdprune.groups` (a unit's weights, bias and BatchNorm scale and shift together, in every layer
+the unit is coupled to: both sides of a residual sum, a depthwise conv, a concatenation's norms); its proximal
 step sets whole groups exactly to zero. The √|g| weight makes λ comparable with L1's: a group whose
 |g| entries all have magnitude a costs λ·|g|·a under both.
 """
@@ -100,10 +101,16 @@ def make_l1(lam: float, mode: L1Mode | str) -> Regularizer:
     return L1Penalty(lam) if mode is L1Mode.PENALTY else L1Proximal(lam)
 
 
-def _group_rows(model: nn.Module, g: UnitLayer) -> list[torch.Tensor]:
-    """The members of ``g``'s groups as (units, entries) views, the layer's weight first."""
+def _group_rows(model: nn.Module, g: UnitLayer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The members of ``g``'s groups as (rows, entries) views of their parameters, the layer's weight
+    first, with the rows of units 0..units-1 (None: the first ``units`` rows, in order)."""
     params = dict(model.named_parameters())
-    return [params[p].view(g.units, -1) for p in g.params]
+    return [(params[p].view(params[p].shape[0], -1), rows) for p, _, rows in g.members()]
+
+
+def _unit_rows(view: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(units, entries): the unit rows of a member view (a copy for coupled members)."""
+    return view if rows is None else view[rows.to(view.device)]
 
 
 class _GroupLasso(Regularizer):
@@ -128,7 +135,7 @@ class GroupLassoPenalty(_GroupLasso):
     def penalty(self, model: nn.Module) -> torch.Tensor:
         total = 0.0
         for g in self.groups:
-            rows = torch.cat(_group_rows(model, g), dim=1)  # (units, |g|)
+            rows = torch.cat([_unit_rows(v, r) for v, r in _group_rows(model, g)], dim=1)  # (units, |g|)
             total = total + math.sqrt(g.group_size) * torch.linalg.vector_norm(rows, dim=1).sum()
         return self.lam * total
 
@@ -143,14 +150,17 @@ class GroupLassoProximal(_GroupLasso):
     @torch.no_grad()
     def after_step(self, model: nn.Module, lr: LearningRate) -> None:
         for g in self.groups:
-            rows = _group_rows(model, g)
-            norm = torch.sqrt(sum(r.pow(2).sum(dim=1) for r in rows))  # (units,)
+            members = _group_rows(model, g)
+            norm = torch.sqrt(sum(_unit_rows(v, r).pow(2).sum(dim=1) for v, r in members))  # (units,)
             threshold = _rate(lr, g.weight) * self.lam * math.sqrt(g.group_size)
             # norm > threshold keeps 1 - t/norm; otherwise (zero norms included) the factor is 0
             factor = torch.where(norm > threshold, 1.0 - threshold / norm.clamp_min(threshold), torch.zeros_like(norm))
-            for r in rows:
+            for v, rows in members:
+                r = _unit_rows(v, rows)
                 r.mul_(factor.to(r.dtype).unsqueeze(1))
                 r.masked_fill_(factor.unsqueeze(1).expand_as(r) == 0, 0.0)  # +0.0, not -0.0
+                if rows is not None:
+                    v[rows.to(v.device)] = r
 
 
 SPARSE_REGULARIZERS = ("l1", "group-lasso")

@@ -56,22 +56,30 @@ def obd_saliency(
 
 
 def group_saliency(element_scores: Mapping[str, torch.Tensor], groups: Sequence[UnitLayer]) -> dict[str, torch.Tensor]:
-    """Per-unit sums of entry scores: ``{layer: (units,)}`` with S[i] = Σ_p Σ element_scores[p][i].
+    """Per-unit sums of entry scores: ``{layer: (units,)}`` with S[i] = Σ_p Σ element_scores[p][row_p(i)]
+    over every member p of unit i (coupled members included: the other side of a residual sum, a
+    depthwise conv, the BatchNorm slices of a concatenation).
 
     element_scores: {parameter name: scores of the parameter's shape} for every member of every group
       (e.g. :func:`obd_saliency` over the weights, biases and BatchNorm parameters).
     """
     out: dict[str, torch.Tensor] = {}
     for g in groups:
-        missing = [p for p in g.params if p not in element_scores]
+        members = g.members()
+        missing = [p for p, _, _ in members if p not in element_scores]
         if missing:
             raise ValueError(f"no scores for {', '.join(map(repr, missing))} (members of {g.layer!r}'s units)")
         total = None
-        for p in g.params:
+        for p, shape, rows in members:
             s = element_scores[p].detach()
-            if s.shape[0] != g.units:
-                raise ValueError(f"scores of {p!r} have {s.shape[0]} rows, {g.layer!r} has {g.units} units")
-            row = s.reshape(g.units, -1).sum(dim=1)
+            if rows is None:
+                if s.shape[0] != g.units:
+                    raise ValueError(f"scores of {p!r} have {s.shape[0]} rows, {g.layer!r} has {g.units} units")
+                row = s.reshape(g.units, -1).sum(dim=1)
+            else:
+                if tuple(s.shape) != tuple(shape):
+                    raise ValueError(f"scores of {p!r} have shape {tuple(s.shape)}, expected {tuple(shape)}")
+                row = s.reshape(shape[0], -1).sum(dim=1)[rows.to(s.device)]
             total = row if total is None else total + row.to(total.device)
         out[g.layer] = total
     return out

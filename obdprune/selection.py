@@ -2,8 +2,8 @@
 a target can go and what the regularizer acts on.
 
 - :class:`ElementSelector`: single Conv/Linear weights, targets count weights;
-- :class:`UnitSelector`: whole output units (a filter or neuron with its bias and BatchNorm entries),
-  targets count weights, units ranked by score per weight;
+- :class:`UnitSelector`: whole output units (a filter or neuron with its bias and BatchNorm entries,
+  and every layer coupled to it), targets count weights, units ranked by score per weight;
 - :class:`MacSelector`: whole units, targets count MACs, units ranked by score per MAC saved.
 
 The prune loop only asks a selector for ``scores``, ``select``, ``limit`` and ``macs_removed``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ from torch import nn
 from obdprune.choices import Choice
 from obdprune.curvature import NegativeCurvature
 from obdprune.errors import UsageError
-from obdprune.groups import (Granularity, UnitLayer, group_parameters, max_unit_sparsity, select_unit_masks,
-                             total_prunable_weights, unit_groups)
+from obdprune.groups import (DEFAULT_MIN_UNITS, Granularity, UnitAnalysis, UnitLayer, group_parameters,
+                             max_unit_sparsity, select_unit_masks, total_prunable_weights, unit_analysis)
 from obdprune.masking import MaskSet, Scope, prunable_weights, select_masks
 from obdprune.measure import count_macs
 from obdprune.regularize import L1Mode, Regularizer, make_regularizer
@@ -87,6 +87,10 @@ class Selector:
         """MACs per sample of the pruned model: of its nonzero weights here; of the compacted model for units."""
         return count_macs(model, example_inputs[:1], effective=True)
 
+    def explain(self) -> list[str]:
+        """One line per layer that cannot lose what this selector removes, with the reason."""
+        return []
+
     def regularizer(self, lam: float, mode: L1Mode) -> Regularizer:
         """L1 on every weight, or group lasso on the units."""
         return make_regularizer("l1", lam, mode)
@@ -111,12 +115,18 @@ class ElementSelector(Selector):
 class UnitSelector(Selector):
     groups: list[UnitLayer] = None  # type: ignore[assignment]
     mac_model: MacModel = None  # type: ignore[assignment]
+    analysis: UnitAnalysis | None = None
+    min_units: int = DEFAULT_MIN_UNITS
+
+    def explain(self) -> list[str]:
+        return self.analysis.explain(self.min_units, self.layer_floor) if self.analysis is not None else []
 
     def scored_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return group_parameters(model, self.groups)
 
     def limit(self, model: nn.Module) -> float:
-        return max_unit_sparsity(self.groups, total_prunable_weights(model), self.layer_floor, self.scope)
+        return max_unit_sparsity(self.groups, total_prunable_weights(model), self.layer_floor, self.scope,
+                                 self.min_units)
 
     def _reduce(self, element_scores):
         return group_saliency(element_scores, self.groups)
@@ -126,7 +136,8 @@ class UnitSelector(Selector):
 
     def select(self, scores, target, current, model) -> MaskSet:
         return select_unit_masks(scores, self.groups, target, total_weights=total_prunable_weights(model),
-                                 scope=self.scope, current=current, layer_floor=self.layer_floor)
+                                 scope=self.scope, current=current, layer_floor=self.layer_floor,
+                                 min_units=self.min_units)
 
     def regularizer(self, lam: float, mode: L1Mode) -> Regularizer:
         return make_regularizer("group-lasso", lam, mode, self.groups)
@@ -144,23 +155,27 @@ class MacSelector(UnitSelector):
     counted = "MACs"
 
     def limit(self, model: nn.Module) -> float:
-        return self.mac_model.max_fraction_removed(self.layer_floor, self.multiple)
+        return self.mac_model.max_fraction_removed(self.layer_floor, self.multiple, self.min_units)
 
     def select(self, scores, target, current, model) -> MaskSet:
         return select_units_by_macs(scores, self.mac_model, target, current=current, layer_floor=self.layer_floor,
-                                    multiple=self.multiple)
+                                    multiple=self.multiple, min_units=self.min_units)
 
 
 def make_selector(model: nn.Module, example_inputs: torch.Tensor, *, granularity: Granularity, budget: Budget,
-                  scope: Scope, layer_floor: float, channel_multiple: int = 1) -> Selector:
+                  scope: Scope, layer_floor: float, channel_multiple: int = 1, min_units: int = DEFAULT_MIN_UNITS,
+                  keep: Sequence[str] = ()) -> Selector:
     """The selector for ``granularity`` and ``budget`` on ``model``; ``example_inputs`` (1, ...) is traced to
-    find the units of channel granularity."""
+    find the (coupled) units of channel granularity. ``min_units`` and ``keep`` (module names whose layers
+    never lose units) apply to channel granularity."""
     if granularity is Granularity.ELEMENT:
         return ElementSelector(scope, layer_floor)
-    groups = unit_groups(model, example_inputs)
+    analysis = unit_analysis(model, example_inputs, keep=tuple(keep))
+    groups = list(analysis.groups)
     if not groups:
-        raise UsageError("channel granularity: no Conv/Linear layer of this model has units that can be removed")
+        raise UsageError("channel granularity: no Conv/Linear layer of this model has units that can be removed:\n  "
+                         + "\n  ".join(analysis.explain(min_units, layer_floor)))
     macs = mac_model(model, example_inputs, groups)
     if budget is Budget.MACS:
-        return MacSelector(scope, layer_floor, groups, macs, channel_multiple)
-    return UnitSelector(scope, layer_floor, groups, macs)
+        return MacSelector(scope, layer_floor, groups, macs, analysis, min_units, channel_multiple)
+    return UnitSelector(scope, layer_floor, groups, macs, analysis, min_units)

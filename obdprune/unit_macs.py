@@ -5,7 +5,8 @@ ones its readers spend on its output. For a Conv2d/Linear layer ``R`` with dense
 
     MACs_R = M_R * (kept outputs of R / outputs of R) * (kept input features of R / input features of R)
 
-where a unit of a producing layer ``P`` feeds ``span(P, R)`` input features of ``R`` (1 for a
+where a coupled unit (see :class:`obdprune.groups.UnitLayer`) is one output of every layer of its
+group (both sides of a residual sum, a depthwise conv), and a unit of a producing layer ``P`` feeds ``span(P, R)`` input features of ``R`` (1 for a
 convolution reading a channel, H*W for a Linear after Flatten). This is exact for the Conv/Linear
 MACs of the compacted model that :func:`obdprune.measure.count_macs` counts, as long as compaction
 removes exactly the selected units.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from obdprune.errors import UsageError
-from obdprune.groups import UnitLayer, checked_unit_scores, removed_units, unit_floor, unit_keep_masks
+from obdprune.groups import DEFAULT_MIN_UNITS, UnitLayer, checked_unit_scores, removed_units, unit_floor, unit_keep_masks
 from obdprune.layers import prunable_layers
 from obdprune.masking import MaskSet
 from obdprune.measure import macs_per_layer
@@ -34,10 +35,10 @@ from obdprune.measure import macs_per_layer
 __all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs"]
 
 
-def min_kept(units: int, layer_floor: float, multiple: int = 1) -> int:
-    """Fewest units a layer of ``units`` may keep: its floor ``max(1, ceil(layer_floor * units))``,
+def min_kept(units: int, layer_floor: float, multiple: int = 1, min_units: int = DEFAULT_MIN_UNITS) -> int:
+    """Fewest units a layer of ``units`` may keep: its floor (:func:`~obdprune.groups.unit_floor`),
     rounded up to a multiple of ``multiple``; a layer of at most ``multiple`` units keeps them all."""
-    floor = unit_floor(units, layer_floor)
+    floor = unit_floor(units, layer_floor, min_units)
     if multiple <= 1:
         return floor
     if units <= multiple:
@@ -65,8 +66,9 @@ class MacModel:
     def __post_init__(self) -> None:
         by_name = {lm.layer: lm for lm in self.layers}
         for g in self.groups:
-            if g.layer not in by_name:
-                raise ValueError(f"unit layer {g.layer!r} has no MAC count")
+            for layer in g.layers:
+                if layer not in by_name:
+                    raise ValueError(f"unit layer {layer!r} has no MAC count")
             for reader, _ in g.readers:
                 if reader not in by_name:
                     raise ValueError(f"reader {reader!r} of {g.layer!r} has no MAC count")
@@ -79,7 +81,7 @@ class MacModel:
         """MACs per sample when ``groups[i]`` keeps ``kept[i]`` units."""
         if len(kept) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} unit counts, got {len(kept)}")
-        out_frac = {g.layer: k / g.units for g, k in zip(self.groups, kept)}
+        out_frac = {layer: k / g.units for g, k in zip(self.groups, kept) for layer in g.layers}
         in_removed: dict[str, int] = {}
         for g, k in zip(self.groups, kept):
             for reader, span in g.readers:
@@ -95,9 +97,9 @@ class MacModel:
         """Share of the dense Conv/Linear MACs that removing the units ``masks`` empties saves."""
         return 1.0 - self.macs(self.kept_units(masks)) / self.dense
 
-    def max_fraction_removed(self, layer_floor: float, multiple: int = 1) -> float:
+    def max_fraction_removed(self, layer_floor: float, multiple: int = 1, min_units: int = DEFAULT_MIN_UNITS) -> float:
         """Largest MAC reduction reachable while every group keeps :func:`min_kept` units (floored to 1e-6)."""
-        floors = [min_kept(g.units, layer_floor, multiple) for g in self.groups]
+        floors = [min_kept(g.units, layer_floor, multiple, min_units) for g in self.groups]
         return math.floor((1.0 - self.macs(floors) / self.dense) * 1e6) / 1e6
 
 
@@ -124,6 +126,7 @@ def select_units_by_macs(
     current: MaskSet | None = None,
     layer_floor: float = 0.01,
     multiple: int = 1,
+    min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:
     """Keep-masks removing the units of least score per MAC saved until ``fraction`` of the dense
     Conv/Linear MACs is gone.
@@ -133,8 +136,8 @@ def select_units_by_macs(
       the next unit (lowest score first within a layer) with the least score / MACs it saves now;
       the stop is the step whose MACs are nearest the target (ties: fewer removed).
     current: masks in force; units they empty stay removed and their other entries carry over.
-    layer_floor: every layer keeps ``max(1, ceil(layer_floor * units))`` units; a target that cannot
-      be met under that floor raises UsageError.
+    layer_floor, min_units: every layer keeps :func:`~obdprune.groups.unit_floor` units; a target that
+      cannot be met under that floor raises UsageError.
     multiple: every layer keeps a multiple of this many units (or all of them; see :func:`min_kept`):
       a step removes the block of lowest-score units that brings a layer to its next lower multiple,
       scored by the block's summed score per MAC it saves. Convolution kernels of some runtimes are
@@ -155,7 +158,7 @@ def select_units_by_macs(
     for g, s, b in zip(groups, scores, before):
         free = torch.nonzero(~b).flatten()
         orders.append(free[torch.sort(s[free], stable=True).indices].tolist())  # ascending; ties by index
-        lowest.append(min_kept(g.units, layer_floor, multiple))
+        lowest.append(min_kept(g.units, layer_floor, multiple, min_units))
     kept = [g.units - int(b.sum()) for g, b in zip(groups, before)]
     dense = mac_model.dense
     target = (1.0 - fraction) * dense + 1e-9 * dense  # MACs are sums of float fractions: no rounding misses
@@ -179,8 +182,8 @@ def select_units_by_macs(
         if best is None:
             raise UsageError(
                 f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
-                f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple):.4f}); lower the target or "
-                f"the layer floor")
+                f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
+                f"target, the layer floor or the min units")
         _, i, after, block = best
         prev, now = now, after
         kept[i] -= block

@@ -8,8 +8,8 @@ from torch import nn
 
 from obdprune.compact import compact, count_units
 from obdprune.errors import UsageError
-from obdprune.groups import (Granularity, UnitLayer, max_unit_sparsity, removed_units, select_unit_masks,
-                             unit_groups)
+from obdprune.groups import (Exclusion, Granularity, UnitLayer, max_unit_sparsity, removed_units, select_unit_masks,
+                             unit_analysis, unit_groups)
 from obdprune.masking import MaskSet
 from obdprune.methods import PruneConfig, prune_model
 from obdprune.models import build_model
@@ -68,9 +68,15 @@ def test_unit_groups_ignore_input_strides():
     assert unit_groups(model, x) == unit_groups(model, X8)
 
 
-def test_units_that_are_not_removable_alone_get_no_group():
-    groups = unit_groups(_Odd(), torch.zeros(1, 1, 6, 6))
-    assert [g.params for g in groups] == [("a.weight", "a.bias"), ("d.weight", "d.bias", "bn.weight", "bn.bias")]
+def test_units_tied_by_a_sum_are_one_group_and_the_others_say_why_they_have_none():
+    analysis = unit_analysis(_Odd(), torch.zeros(1, 1, 6, 6))
+    assert [(g.params, g.producers, [m.param for m in g.coupled]) for g in analysis.groups] == [
+        (("a.weight", "a.bias"), (), []),
+        (("b.weight", "b.bias"), ("c",), ["c.weight", "c.bias"]),  # the residual sum: b and c lose units together
+        (("d.weight", "d.bias", "bn.weight", "bn.bias"), (), []),
+    ]
+    assert analysis.excluded == {"e": (Exclusion.UNSUPPORTED, "Sigmoid does not keep a zeroed unit at zero"),
+                                 "fc": (Exclusion.OUTPUT, "its outputs are model outputs")}
 
 
 # ----------------------------------------------------------------------------------- group saliency
@@ -132,7 +138,7 @@ def _kept(masks, g):
     (0.46, [False, False, False, True], [False, True, False], 70),  # everything above the floors
 ])
 def test_global_unit_selection_removes_cheapest_per_weight_to_the_nearest_count(sparsity, a_keep, b_keep, removed):
-    masks = select_unit_masks(SCORES, [A, B], sparsity, total_weights=TOTAL)
+    masks = select_unit_masks(SCORES, [A, B], sparsity, total_weights=TOTAL, min_units=1)
     assert _kept(masks, A) == a_keep and _kept(masks, B) == b_keep
     assert sum(int((~masks[n]).sum()) for n in ("a.weight", "b.weight")) == removed
     for g, keep in ((A, a_keep), (B, b_keep)):  # every member of a removed unit goes, nothing else
@@ -142,23 +148,23 @@ def test_global_unit_selection_removes_cheapest_per_weight_to_the_nearest_count(
 
 
 def test_unit_selection_limits_floors_and_layer_scope():
-    assert max_unit_sparsity([A, B], TOTAL, 0.01) == math.floor(70 / 150 * 1e6) / 1e6
+    assert max_unit_sparsity([A, B], TOTAL, 0.01, min_units=1) == math.floor(70 / 150 * 1e6) / 1e6
     with pytest.raises(UsageError, match="at most 70"):
-        select_unit_masks(SCORES, [A, B], 0.48, total_weights=TOTAL)
-    masks = select_unit_masks(SCORES, [A, B], 0.5, total_weights=TOTAL, scope="layer")
+        select_unit_masks(SCORES, [A, B], 0.48, total_weights=TOTAL, min_units=1)
+    masks = select_unit_masks(SCORES, [A, B], 0.5, total_weights=TOTAL, scope="layer", min_units=1)
     assert _kept(masks, A) == [False, True, False, True]  # round(2.0) lowest of a
     assert _kept(masks, B) == [False, True, False]  # round(1.5) = 2 lowest of b
     with pytest.raises(UsageError, match="below its floor of 2"):  # b keeps 1 < ceil(0.5 * 3)
-        select_unit_masks(SCORES, [A, B], 0.6, total_weights=TOTAL, scope="layer", layer_floor=0.5)
-    assert max_unit_sparsity([A, B], TOTAL, 0.5, "layer") == math.floor((1 - 2 / 3) * 1e6) / 1e6
+        select_unit_masks(SCORES, [A, B], 0.6, total_weights=TOTAL, scope="layer", layer_floor=0.5, min_units=1)
+    assert max_unit_sparsity([A, B], TOTAL, 0.5, "layer", min_units=1) == math.floor((1 - 2 / 3) * 1e6) / 1e6
 
 
 def test_unit_masks_only_shrink_and_carry_other_masks():
-    first = MaskSet({**select_unit_masks(SCORES, [A, B], 0.2, total_weights=TOTAL).masks,
+    first = MaskSet({**select_unit_masks(SCORES, [A, B], 0.2, total_weights=TOTAL, min_units=1).masks,
                      "cls.weight": torch.tensor([[True, False]])})
     # removed units now score highest; they stay removed and count toward the target
     rescored = {"a": torch.tensor([100.0, 5.0, 2.0, 8.0]), "b": torch.tensor([3.0, 20.0, 100.0])}
-    second = select_unit_masks(rescored, [A, B], 0.3, total_weights=TOTAL, current=first)
+    second = select_unit_masks(rescored, [A, B], 0.3, total_weights=TOTAL, current=first, min_units=1)
     assert _kept(second, A) == [False, True, True, True]
     assert _kept(second, B) == [False, True, False]  # 30 forced + b0 (20) is nearest to 45
     for name in first:

@@ -49,12 +49,12 @@ def _net(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 
 def _remove(model: nn.Module, groups: list[UnitLayer], gone: list[list[int]]) -> None:
-    """Zero the whole group (weights, bias, BatchNorm) of the listed units of each layer."""
+    """Zero the whole group (weights, bias, BatchNorm, coupled layers) of the listed units of each group."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for g, units in zip(groups, gone):
-            for p in g.params:
-                params[p][units] = 0
+            for p, _, rows in g.members():
+                params[p][units if rows is None else rows[units]] = 0
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5-caffe", "vgg-small", "resblock"])
@@ -72,7 +72,9 @@ def test_mac_model_knows_what_reads_each_unit():
     assert [(g.layer, g.readers) for g in groups] == [
         ("0", (("3", 1),)), ("3", (("7", 25),)), ("7", (("9", 1),)), ("9", (("11", 1),))]
     m, x = _net("resblock")
-    assert [(g.layer, g.readers) for g in unit_groups(m, x)] == [("conv1", (("conv2", 1),)), ("fc1", (("fc2", 1),))]
+    # the stem and conv2 feed the residual sum: one group, read by conv1 and (after pooling) fc1
+    assert [(g.layer, g.producers, g.readers) for g in unit_groups(m, x)] == [
+        ("stem", ("conv2",), (("conv1", 1), ("fc1", 1))), ("conv1", (), (("conv2", 1),)), ("fc1", (), (("fc2", 1),))]
 
 
 @settings(max_examples=25, deadline=None)
@@ -103,7 +105,7 @@ def test_mac_model_by_hand():
     # A keeps 2 of 4: a 2·10 = 20, b 3·2 = 6, c 6 → 32; B keeps 1 of 3 as well: b 1·2 = 2, c 2·1 = 2 → 24
     assert HAND.macs([2, 3]) == pytest.approx(32)
     assert HAND.macs([2, 1]) == pytest.approx(24)
-    assert HAND.max_fraction_removed(0.0) == pytest.approx(1 - (10 + 1 + 2) / 58, abs=1e-6)
+    assert HAND.max_fraction_removed(0.0, 1, min_units=1) == pytest.approx(1 - (10 + 1 + 2) / 58, abs=1e-6)
 
 
 def _kept(masks: MaskSet, g: UnitLayer) -> list[int]:
@@ -114,28 +116,28 @@ def test_selection_goes_by_score_per_mac_saved():
     # First step: a unit of A saves 10 + 3 = 13 MACs, one of B saves 4 + 2 = 6.
     # A's cheapest (score 1.3) costs 0.1 per MAC, B's cheapest (score 0.3) 0.05: B's goes first.
     scores = {"a": torch.tensor([5.0, 1.3, 9.0, 9.0]), "b": torch.tensor([9.0, 0.3, 9.0])}
-    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0)
+    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
     # Then A's unit 1 (1.3 / (10 + 2) ≈ 0.108) beats B's next (9 / (4 + 2) = 1.5): MACs 52 → 40.
-    masks = select_units_by_macs(scores, HAND, 18 / 58, layer_floor=0.0)
+    masks = select_units_by_macs(scores, HAND, 18 / 58, layer_floor=0.0, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([0, 2, 3], [0, 2])
     # The stop is the step nearest the target; a tie keeps fewer removed: 52 and 40 around 46.
-    masks = select_units_by_macs(scores, HAND, 12 / 58, layer_floor=0.0)
+    masks = select_units_by_macs(scores, HAND, 12 / 58, layer_floor=0.0, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
-    masks = select_units_by_macs(scores, HAND, 0.0, layer_floor=0.0)
+    masks = select_units_by_macs(scores, HAND, 0.0, layer_floor=0.0, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 1, 2])
 
 
 def test_selection_respects_floors_and_refuses_unreachable_targets():
     scores = {"a": torch.zeros(4), "b": torch.zeros(3)}
-    masks = select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5), layer_floor=0.5)
+    masks = select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5, 1, min_units=1), layer_floor=0.5, min_units=1)
     assert (len(_kept(masks, A)), len(_kept(masks, B))) == (2, 2)
     with pytest.raises(UsageError, match="floor"):
-        select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5) + 0.01, layer_floor=0.5)
+        select_units_by_macs(scores, HAND, HAND.max_fraction_removed(0.5, 1, min_units=1) + 0.01, layer_floor=0.5, min_units=1)
     with pytest.raises(UsageError, match=r"\[0, 1\)"):
-        select_units_by_macs(scores, HAND, 1.0)
+        select_units_by_macs(scores, HAND, 1.0, min_units=1)
     with pytest.raises(ValueError, match="no unit scores for layer 'b'"):
-        select_units_by_macs({"a": torch.zeros(4)}, HAND, 0.1)
+        select_units_by_macs({"a": torch.zeros(4)}, HAND, 0.1, min_units=1)
 
 
 def test_selection_only_shrinks_masks_and_keeps_other_masks():
@@ -145,29 +147,30 @@ def test_selection_only_shrinks_masks_and_keeps_other_masks():
     current.masks["a.weight"][2] = False  # unit 2 of A already gone
     current.masks["b.weight"][0, 1] = False  # one single weight of B already pruned
     scores = {"a": torch.tensor([0.0, 9.0, 0.0, 9.0]), "b": torch.full((3,), 9.0)}
-    masks = select_units_by_macs(scores, HAND, 1 - HAND.macs([2, 3]) / 58, current=current, layer_floor=0.0)
+    masks = select_units_by_macs(scores, HAND, 1 - HAND.macs([2, 3]) / 58, current=current, layer_floor=0.0, min_units=1)
     assert _kept(masks, A) == [1, 3]  # unit 2 stays removed, unit 0 (score 0) joins it
     assert not masks["b.weight"][0, 1] and torch.equal(masks["c.weight"], other)
 
 
 def test_min_kept_rounds_the_floor_up_to_the_multiple():
-    assert [min_kept(50, 0.01, m) for m in (1, 8, 16)] == [1, 8, 16]
-    assert min_kept(50, 0.3, 8) == 16  # floor 15 → 16
-    assert min_kept(6, 0.01, 8) == 6 and min_kept(8, 0.01, 8) == 8  # too few units to prune in blocks
-    assert min_kept(12, 0.9, 8) == 12  # floor 11 → 16 > 12: keeps all
+    assert [min_kept(50, 0.01, m, min_units=1) for m in (1, 8, 16)] == [1, 8, 16]
+    assert min_kept(50, 0.3, 8, min_units=1) == 16  # floor 15 → 16
+    assert min_kept(6, 0.01, 8, min_units=1) == 6 and min_kept(8, 0.01, 8, min_units=1) == 8  # too few units to prune in blocks
+    assert min_kept(12, 0.9, 8, min_units=1) == 12  # floor 11 → 16 > 12: keeps all
+    assert (min_kept(50, 0.01), min_kept(3, 0.01), min_kept(50, 0.01, 8)) == (4, 3, 8)  # min units 4 by default
 
 
 def test_selection_in_blocks_of_a_multiple():
     # multiple 2: A (4 units) goes 4 → 2 in one block, B (3 units) 3 → 2 only (its minimum is 2)
     scores = {"a": torch.tensor([5.0, 1.3, 9.0, 9.0]), "b": torch.tensor([9.0, 0.3, 9.0])}
-    assert HAND.max_fraction_removed(0.0, 2) == pytest.approx(1 - 28 / 58, abs=1e-6)
+    assert HAND.max_fraction_removed(0.0, 2, min_units=1) == pytest.approx(1 - 28 / 58, abs=1e-6)
     # B's block: 0.3 / 6 MACs = 0.05 beats A's (1.3 + 5) / 26 ≈ 0.24; then only A's block is left
-    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0, multiple=2)
+    masks = select_units_by_macs(scores, HAND, 6 / 58, layer_floor=0.0, multiple=2, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([0, 1, 2, 3], [0, 2])
-    masks = select_units_by_macs(scores, HAND, 30 / 58, layer_floor=0.0, multiple=2)
+    masks = select_units_by_macs(scores, HAND, 30 / 58, layer_floor=0.0, multiple=2, min_units=1)
     assert (_kept(masks, A), _kept(masks, B)) == ([2, 3], [0, 2])
     with pytest.raises(UsageError, match="floor"):
-        select_units_by_macs(scores, HAND, 31 / 58, layer_floor=0.0, multiple=2)
+        select_units_by_macs(scores, HAND, 31 / 58, layer_floor=0.0, multiple=2, min_units=1)
 
 
 @settings(max_examples=40, deadline=None)
@@ -180,12 +183,12 @@ def test_selection_invariants(seed, fraction, multiple, first):
     mm = mac_model(m, x, unit_groups(m, x))
     gen = torch.Generator().manual_seed(seed)
     scores = {g.layer: torch.rand(g.units, generator=gen) for g in mm.groups}
-    fraction = min(fraction, mm.max_fraction_removed(0.01, multiple))
+    fraction = min(fraction, mm.max_fraction_removed(0.01, multiple, min_units=1))
     first = min(first, fraction)
-    current = select_units_by_macs(scores, mm, first, multiple=multiple)
-    masks = select_units_by_macs(scores, mm, fraction, current=current, multiple=multiple)
+    current = select_units_by_macs(scores, mm, first, multiple=multiple, min_units=1)
+    masks = select_units_by_macs(scores, mm, fraction, current=current, multiple=multiple, min_units=1)
     for g, before, after in zip(mm.groups, mm.kept_units(current), mm.kept_units(masks)):
-        assert after <= before and after >= min_kept(g.units, 0.01, multiple)
+        assert after <= before and after >= min_kept(g.units, 0.01, multiple, min_units=1)
         assert after == g.units or after % multiple == 0
         assert bool((masks[g.weight] <= current[g.weight]).all())
     reached = mm.fraction_removed(masks)
