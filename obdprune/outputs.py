@@ -368,7 +368,7 @@ class _FollowerState:
 class FollowerOutput:
     """What a rank other than 0 holds in place of rank 0's output: the same finished stages, no files.
 
-    ``runs`` is None, so run folders are not written; :meth:`publish` returns the results as they are.
+    ``runs`` is None, so run folders are not written, and :meth:`publish` moves nothing.
     """
 
     def __init__(self, path: Path, stages: dict[str, Any]):
@@ -383,7 +383,8 @@ class FollowerOutput:
         return value
 
     def publish(self, results: list[dict], **_: Any) -> list[dict]:
-        return results
+        """The results as rank 0 publishes them; paths name the output rank 0 writes."""
+        return [{**r, "path": r.get("path", str(self.path))} for r in results]
 
 
 @contextlib.contextmanager

@@ -123,7 +123,7 @@ def test_two_rank_prune_equals_one_process(two_ranks, granularity):
 
 # ---------------------------------------------------------------------------------------------- command line
 
-PRUNE = ["--method", "hybrid", "--sparsity", "0.5", "0.8", "0.9", "0.95", "--reg-epochs", "1", "--finetune-epochs",
+PRUNE = ["--method", "hybrid", "--sparsity", "0.5", "0.8", "0.9", "--reg-epochs", "1", "--finetune-epochs",
          "1", "--batch-size", "64", "--curvature-samples", "128", "--no-progress"]
 
 
@@ -131,7 +131,7 @@ PRUNE = ["--method", "hybrid", "--sparsity", "0.5", "0.8", "0.9", "0.95", "--reg
 def dense(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "dense"
     subprocess.run([sys.executable, "-m", "obdprune", "train", "--dataset", "digits", "--model", "lenet300",
-                    "--epochs", "2", "--train-limit", "600", "--test-limit", "200", "--no-progress", "--out",
+                    "--epochs", "2", "--train-limit", "400", "--test-limit", "200", "--no-progress", "--out",
                     str(out)], cwd=ROOT, env=_env(), check=True, capture_output=True)
     return out
 
@@ -140,13 +140,15 @@ def _runs(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.parent.name: load_file(str(p)) for p in sorted(folder.glob("*/model.safetensors"))}
 
 
-def test_cli_under_torchrun_then_kill_one_rank_and_resume(dense, tmp_path):
+def test_cli_kill_one_rank_then_resume_under_torchrun(dense, tmp_path):
     import json
 
-    full = tmp_path / "full"
-    done = torchrun(["-m", "obdprune", "prune", str(dense), *PRUNE, "--out", str(full)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("hybrid round") == 4  # rank 0 prints; the other rank is silent
+    full = tmp_path / "full"  # the uninterrupted run, launched as torchrun would
+    ranks = launch(["-m", "obdprune", "prune", str(dense), *PRUNE, "--out", str(full)],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    assert outs[0][0].count("hybrid round") == 3 and outs[1][0] == ""  # rank 0 prints; the other is silent
     manifest = json.loads((full / "hybrid-s0.9" / "manifest.json").read_text())
     assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch_size": 64}
 
@@ -167,9 +169,11 @@ def test_cli_under_torchrun_then_kill_one_rank_and_resume(dense, tmp_path):
 
     resumed = torchrun(["-m", "obdprune", "prune", str(dense), *PRUNE, "--out", str(killed), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("hybrid round") == 3  # rounds 2-4; round 1 came from the snapshot
+    # round 1 is redone when the kill came before its snapshot (its test evaluation needs both ranks)
+    assert resumed.stdout.count("hybrid round") in (2, 3), resumed.stdout
+    assert "round 3" in resumed.stdout
     a, b = _runs(full), _runs(killed)
-    assert sorted(a) == sorted(b) == ["hybrid-s0.5", "hybrid-s0.8", "hybrid-s0.9", "hybrid-s0.95"]
+    assert sorted(a) == sorted(b) == ["hybrid-s0.5", "hybrid-s0.8", "hybrid-s0.9"]
     for label in a:
         assert a[label].keys() == b[label].keys()
         for k in a[label]:
