@@ -18,6 +18,7 @@ from torch import nn
 from obdprune.batches import as_batches
 from obdprune.compact import compact as compact_model
 from obdprune.constraints import StepConstraints, StepHandle
+from obdprune.distributed import check_same_masks, current, shard
 from obdprune.errors import UsageError
 from obdprune.masking import MaskSet
 from obdprune.methods import (FineTune, Method, PruneConfig, PrunePoint, measured_sparsity, prune_model,
@@ -130,6 +131,11 @@ def prune(
     options: any :class:`~obdprune.methods.PruneConfig` field (``prune_step``, ``reg_epochs``, ``l1_lambda``,
       ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop.
 
+    Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)
+    every rank calls ``prune`` with the same arguments; ``batch_size`` is the global batch, in-memory data
+    is sharded, and every rank returns the same result. A ``fine_tune`` then gets the model wrapped in
+    DistributedDataParallel and should shard its own loader with a DistributedSampler.
+
     Example::
 
         result = obdprune.prune(model, train_loader, val_loader, method="hybrid", max_drop=0.5)
@@ -146,12 +152,12 @@ def prune(
     data = _UserData(as_batches(train, "train"), as_batches(val, "val"),
                      as_batches(test, "test") if test is not None else None)
     example = example_inputs if example_inputs is not None else data.train.example()
-    device = _device_of(model)
-    dense_val, _ = evaluate(model, data.val, device=device)
+    device, world = _device_of(model), current()
+    dense_val, _ = evaluate(model, data.val, device=device, world=world)
     rounds: list[dict] = []
     points = prune_model(model, data, cfg, targets=targets, max_drop=max_drop, dense_val_accuracy=dense_val,
                          device=device, progress=progress, on_round=rounds.append, fine_tune=fine_tune,
-                         example_inputs=example)
+                         example_inputs=example, world=world)
     chosen = points[-1] if max_drop is not None else max(points, key=lambda p: p.target_sparsity or 0.0)
     pruned = copy.deepcopy(model)
     pruned.load_state_dict(chosen.state_dict)
@@ -202,21 +208,25 @@ class Pruner:
 
     def step(self, sparsity: float, data: Any = None) -> MaskSet:
         """Score (OBD on curvature from ``data`` for ``obd``/``hybrid``, magnitude otherwise), select masks
-        reaching ``sparsity`` (masks only shrink), apply them to the model and the attached optimizers."""
+        reaching ``sparsity`` (masks only shrink), apply them to the model and the attached optimizers.
+
+        Under torchrun every rank calls ``step`` alike: in-memory ``data`` is sharded, the curvature is
+        all-reduced, and the masks are checked equal on every rank."""
         (target,) = sparsity_targets(sparsity)
         cfg, model = self.config, self.model
         limit = self.selector.limit(model)
         if target > limit:
             raise UsageError(f"sparsity {target} would empty a layer: with a layer floor of {cfg.layer_floor} "
                              f"at most {limit:.4f} of the {self.selector.counted} can go")
-        curv = None
+        curv, world = None, current()
         if cfg.method.second_order:
             if data is None:
                 raise UsageError(f"{cfg.method.value} ranks by curvature: pass data=, a DataLoader or (inputs, targets)")
-            x, y = as_batches(data, "data").sample(cfg.curvature_samples, self._generator)
-            curv, _ = round_curvature(model, cfg, x, y, _device_of(model), self._generator)
+            x, y = shard(as_batches(data, "data"), world).sample(cfg.curvature_samples, self._generator)
+            curv, _ = round_curvature(model, cfg, x, y, _device_of(model), self._generator, world)
         scores = self.selector.scores(model, curv, cfg.negative_curvature)
         self.masks = self.selector.select(scores, target, self.masks, model)
+        check_same_masks(world, self.masks, f"Pruner.step({target})")
         self.masks.apply(model)
         for opt in self._optimizers:
             self.masks.zero_optimizer_state(opt, model)

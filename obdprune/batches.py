@@ -35,6 +35,10 @@ class Batches:
         """Batches in one epoch, or None when unknown."""
         raise NotImplementedError
 
+    def global_batch_sizes(self, batch_size: int) -> list[int] | None:
+        """Samples in each step's batch summed over all ranks, when this rank holds a shard; else None."""
+        return None
+
     def eval_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every sample once, in order."""
         raise NotImplementedError

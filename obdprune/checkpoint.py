@@ -14,6 +14,7 @@ between steps and after every saved stage, and raises :class:`~obdprune.errors.I
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re

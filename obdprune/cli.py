@@ -5,8 +5,10 @@ Errors a user can cause print one line and exit with 2 (usage) or 1 (runtime); n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -278,6 +280,14 @@ def _prune_cfg(args, method: str):
                        channel_multiple=args.channel_multiple, min_units=args.min_units, keep=tuple(args.keep))
 
 
+def _shared(make):
+    """The output ``make()`` opens, on rank 0 of a torchrun run (the other ranks follow it, writing nothing)."""
+    from obdprune.distributed import current
+    from obdprune.outputs import shared_output
+
+    return shared_output(current(), make)
+
+
 def _need_target(args) -> None:
     if not args.sparsity and args.max_drop is None:
         raise UsageError("give --sparsity S (fraction of weights to remove) or --max-drop PP")
@@ -291,7 +301,7 @@ def cmd_train(args) -> int:
     cfg = _train_cfg(args)
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
-    with claim_output(out, OutputKind.RUN, overwrite=args.overwrite):
+    with _shared(lambda: claim_output(out, OutputKind.RUN, overwrite=args.overwrite)):
         data = load_data(spec)
         try:
             _, manifest = train_dense(data, spec, args.model, cfg, device=_device(args.device),
@@ -315,8 +325,8 @@ def cmd_prune(args) -> int:
     _need_target(args)
     cfg = _prune_cfg(args, args.method)
     single = len(args.sparsity) + (args.max_drop is not None) == 1
-    with ResultsFolder(Path(args.out), "prune", normalized_args(args), overwrite=args.overwrite,
-                       resume=args.resume) as folder:
+    with _shared(lambda: ResultsFolder(Path(args.out), "prune", normalized_args(args), overwrite=args.overwrite,
+                                       resume=args.resume)) as folder:
         run = load_run(args.run)
         data = load_run_data(run, args.data_dir)
         dense = run.manifest["metrics"]
@@ -370,7 +380,8 @@ def cmd_compare(args) -> int:
     train_cfg, prune_cfg = _train_cfg(args), _prune_cfg(args, "magnitude")
     spec = DataSpec.make(args.dataset, args.data_dir, val_fraction=args.val_fraction,
                          train_limit=args.train_limit, test_limit=args.test_limit, image_size=args.image_size)
-    with StudyFolder(out, "compare", normalized_args(args), overwrite=args.overwrite, resume=args.resume) as study:
+    with _shared(lambda: StudyFolder(out, "compare", normalized_args(args), overwrite=args.overwrite,
+                                     resume=args.resume)) as study:
         data = load_data(spec)
         try:
             run_compare(data, spec, args.model, train_cfg, prune_cfg, methods=args.methods, targets=args.sparsity,
@@ -542,6 +553,43 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"obdprune: warning: {message}\n"
 
 
+DISTRIBUTED = ("train", "prune", "compare")  # what runs on several ranks under torchrun
+
+
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun: join the process group for the command; only rank 0 prints to stdout."""
+    from obdprune.distributed import launched, process_group
+
+    if not launched():
+        yield
+        return
+    if args.command not in DISTRIBUTED:
+        raise UsageError(f"{args.command} runs in one process; run it without torchrun "
+                         f"(under torchrun: {', '.join(DISTRIBUTED)})")
+    with process_group(_device(args.device)) as world:
+        args.device = str(world.device(args.device))
+        try:
+            if world.writer:
+                yield
+                return
+            args.no_progress = True
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                yield
+        except RuntimeError as e:  # a collective failed: another rank died, or the timeout passed
+            if not _collective_failure(e):
+                raise
+            raise ObdpruneError(f"rank {world.rank}: another rank stopped or could not be reached "
+                                f"({str(e).splitlines()[0][:200]})") from None
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    import torch
+
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(e, dist_error) or any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection closed"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
@@ -559,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in STOPPABLE:
             return COMMANDS[args.command](args)
         deterministic()
-        with stop_on_signals():
+        with stop_on_signals(), _ranks(args):
             return COMMANDS[args.command](args)
     except ObdpruneError as e:
         print(f"obdprune: error: {_one_line(_cli_message(e))}", file=sys.stderr)

@@ -20,6 +20,7 @@ phases run obdprune's own loop or the user's ``fine_tune(model, epochs)``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 import warnings
@@ -34,6 +35,8 @@ from obdprune.checkpoint import RoundState, RoundStore
 from obdprune.choices import Choice
 from obdprune.constraints import StepConstraints
 from obdprune.curvature import CurvatureKind, NegativeCurvature, estimate_curvature
+from obdprune.distributed import World, all_reduce_mean, barrier, broadcast_object, check_same_masks, current, \
+    shard, sync_module, wrap
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.groups import DEFAULT_MIN_UNITS, Granularity
 from obdprune.masking import MaskSet, Scope, masks_from_weights
@@ -233,15 +236,15 @@ class _Splits:
     test: Batches | None
 
 
-def _splits(data: Any) -> _Splits:
-    """An obdprune Dataset, or anything with train/val(/test) attributes, as batches."""
+def _splits(data: Any, world: World) -> _Splits:
+    """An obdprune Dataset, or anything with train/val(/test) attributes, as batches (this rank's shard)."""
     if not (hasattr(data, "train") and hasattr(data, "val")):
         raise UsageError(f"data must have train and val splits (an obdprune Dataset), got {type(data).__name__}; "
                          f"for your own data call obdprune.prune(model, train, val) with DataLoaders or "
                          f"(inputs, targets) pairs")
     test = getattr(data, "test", None)
-    return _Splits(as_batches(data.train, "train"), as_batches(data.val, "val"),
-                   as_batches(test, "test") if test is not None else None)
+    return _Splits(shard(as_batches(data.train, "train"), world), shard(as_batches(data.val, "val"), world),
+                   shard(as_batches(test, "test"), world) if test is not None else None)
 
 
 @dataclass
@@ -267,29 +270,46 @@ def _plan(selector: Selector, model: nn.Module, cfg: PruneConfig, targets: list[
 
 
 def _phase_runner(cfg: PruneConfig, train_data: Batches, fine_tune: FineTune | None, device: torch.device,
-                  progress: bool) -> Callable[..., None]:
+                  progress: bool, world: World) -> Callable[..., None]:
     """``run(model, epochs, seed, desc, masks, regularizer)``: obdprune's loop, or the user's ``fine_tune``
-    with masks and the proximal step enforced after every step of any optimizer it creates."""
+    with masks and the proximal step enforced after every step of any optimizer it creates. Under torchrun
+    the user's ``fine_tune`` gets the model wrapped in DistributedDataParallel."""
     if fine_tune is None:
         def run(model, epochs, seed, desc, masks, reg) -> None:
             train(model, train_data, replace(cfg.finetune, epochs=epochs, seed=seed), masks=masks, regularizer=reg,
-                  device=device, progress=progress, desc=desc)
+                  device=device, progress=progress, desc=desc, world=world)
         return run
 
     def run_user(model, epochs, seed, desc, masks, reg) -> None:
         with StepConstraints(model, masks, reg).every_optimizer():
-            fine_tune(model, epochs)
+            fine_tune(wrap(model, world), epochs)
     return run_user
 
 
 def round_curvature(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                    generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
-    """The curvature ``cfg`` asks for on ``x`` (N, ...), ``y`` (N,) in eval mode, checked finite, and its seconds."""
+                    generator: torch.Generator, world: World | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """The curvature ``cfg`` asks for on ``x`` (N, ...), ``y`` (N,) in eval mode, checked finite, and its seconds.
+
+    world: under torchrun ``x``, ``y`` are this rank's share of the samples; every estimator's mean over
+    samples is all-reduced with the sample counts, so each rank returns the estimate on the union. Label
+    draws and probes come from a generator of this rank's own, seeded from ``generator``'s state without
+    drawing from it, so ``generator`` stays where one process would leave it for an exact estimator.
+    """
+    world = world or World()
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    curv = estimate_curvature(cfg.curvature, model, x.to(device), y.to(device), samples=cfg.curvature_draws,
-                              generator=generator)
+    if world.distributed:
+        digest = hashlib.sha256(generator.get_state().numpy().tobytes()).digest()
+        own = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little") + world.rank)
+        rows = int(y.shape[0])
+        xs, ys = (x, y) if rows else (x[:0].new_zeros((1, *x.shape[1:])), y.new_zeros(1))  # shapes only
+        local = estimate_curvature(cfg.curvature, model, xs.to(device), ys.to(device), samples=cfg.curvature_draws,
+                                   generator=own)
+        curv = all_reduce_mean(world, local, rows)
+    else:
+        curv = estimate_curvature(cfg.curvature, model, x.to(device), y.to(device), samples=cfg.curvature_draws,
+                                  generator=generator)
     seconds = time.perf_counter() - t0
     model.train(was_training)
     for name, h in curv.items():
@@ -325,6 +345,7 @@ def prune_model(
     checkpoint: RoundStore | None = None,
     fine_tune: FineTune | None = None,
     example_inputs: torch.Tensor | None = None,
+    world: World | None = None,
 ) -> list[PrunePoint]:
     """Run one method's path on a copy of ``model`` (left unchanged) and return its points.
 
@@ -335,6 +356,10 @@ def prune_model(
       ``dense_val_accuracy``; the last round that held is returned as the max-drop point.
     fine_tune: the user's ``fine_tune(model, epochs)`` for every training phase instead of obdprune's loop.
     checkpoint: saves the state after every round and, if it holds one, continues after its last round.
+    world: the ranks of a torchrun run (default: the initialized process group, else one process). Every
+      rank calls ``prune_model`` alike; rank 0's weights are copied to all, data is sharded, curvature and
+      accuracies are all-reduced, the masks are checked equal every round, and only rank 0 saves the
+      checkpoint (the others wait; on resume they get rank 0's snapshot).
     Points hold CPU state_dicts and masks so callers can save the models.
     """
     targets = sparsity_targets(targets)
@@ -344,17 +369,19 @@ def prune_model(
         raise UsageError(f"the max drop is in percentage points and must be in [0, 100], got {max_drop}")
     if fine_tune is not None and cfg.method.regularized and cfg.l1_mode is L1Mode.PENALTY:
         raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
-    method, device, splits = cfg.method, torch.device(device), _splits(data)
+    world = world or current()
+    method, device, splits = cfg.method, torch.device(device), _splits(data, world)
     dense_model, model = model, copy.deepcopy(model).to(device)
+    sync_module(world, model)
     example = (example_inputs if example_inputs is not None else splits.train.example()).to(device)
     if dense_val_accuracy is None:
-        dense_val_accuracy, _ = evaluate(model, splits.val, device=device)
+        dense_val_accuracy, _ = evaluate(model, splits.val, device=device, world=world)
     selector = make_selector(model, example, granularity=cfg.granularity, budget=cfg.budget, scope=cfg.scope,
                              layer_floor=cfg.layer_floor, channel_multiple=cfg.channel_multiple,
                              min_units=cfg.min_units, keep=cfg.keep)
     plan = _plan(selector, model, cfg, targets, max_drop)
     reg = selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
-    run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress)
+    run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress and world.writer, world)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_curv = min(cfg.curvature_samples, len(splits.train))
     state = _Progress(MaskSet.dense(model), [])
@@ -362,11 +389,15 @@ def prune_model(
 
     def save() -> None:
         if checkpoint is not None:
-            checkpoint.save(RoundState(state.round, model.state_dict(), state.masks, gen.get_state(), state.results,
-                                       state.held, state.failed, state.stop, state.curvature_seconds,
-                                       time.perf_counter() - start))
+            if world.writer:
+                checkpoint.save(RoundState(state.round, model.state_dict(), state.masks, gen.get_state(),
+                                           state.results, state.held, state.failed, state.stop,
+                                           state.curvature_seconds, time.perf_counter() - start))
+            barrier(world)
 
-    resumed = checkpoint.load() if checkpoint is not None else None
+    resumed = None
+    if checkpoint is not None:
+        resumed = broadcast_object(world, checkpoint.load() if world.writer else None)
     if resumed is not None:
         model.load_state_dict(resumed.model_state)
         state = _Progress(resumed.masks.to(device), resumed.results, resumed.held, resumed.failed, resumed.stop,
@@ -381,13 +412,14 @@ def prune_model(
         curv = None
         if method.second_order:
             x, y = splits.train.sample(n_curv, gen)
-            curv, seconds = round_curvature(model, cfg, x, y, device, gen)
+            curv, seconds = round_curvature(model, cfg, x, y, device, gen, world)
             state.curvature_seconds += seconds
         scores = selector.scores(model, curv, cfg.negative_curvature)
         state.masks = selector.select(scores, target, state.masks, model)
+        check_same_masks(world, state.masks, f"{method.value} round {rnd}")
         state.masks.apply(model)
         run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method.value} {target:.3f}", state.masks, reg)
-        point = _measure_point(model, splits, method, state, selector, rnd, start, device)
+        point = _measure_point(model, splits, method, state, selector, rnd, start, device, world)
         if on_round is not None:
             on_round({"method": method.value, "round": rnd, "target": target, "sparsity": point.sparsity,
                       "macs": selector.macs(model, state.masks, example),
@@ -395,40 +427,41 @@ def prune_model(
                       "curvature_seconds": point.curvature_seconds}
                      | ({"macs_removed": point.macs_removed} if point.macs_removed is not None else {}))
         if round(target, 12) in plan.targets:
-            state.results.append(_with_test(point, model, splits, device, target_sparsity=target))
+            state.results.append(_with_test(point, model, splits, device, world, target_sparsity=target))
         if max_drop is not None and not state.failed:
             if point.val_accuracy >= dense_val_accuracy - max_drop / 100.0 - 1e-12:
-                state.held = _with_test(point, model, splits, device, max_drop=max_drop)
+                state.held = _with_test(point, model, splits, device, world, max_drop=max_drop)
             else:
                 state.failed = True
         state.round, state.stop = rnd, state.failed and target >= plan.last_target
         save()
         if state.stop:
             break
-    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, start)]
+    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, start, world)]
                             if max_drop is not None else [])
 
 
 def _measure_point(model: nn.Module, splits: _Splits, method: Method, state: _Progress, selector: Selector,
-                   rnd: int, start: float, device: torch.device) -> PrunePoint:
+                   rnd: int, start: float, device: torch.device, world: World) -> PrunePoint:
     sparsity, nonzero, total = measured_sparsity(model)
-    val_acc, _ = evaluate(model, splits.val, device=device)
+    val_acc, _ = evaluate(model, splits.val, device=device, world=world)
     return PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
                       val_accuracy=val_acc, test_accuracy=None, seconds=time.perf_counter() - start,
                       curvature_seconds=state.curvature_seconds, round=rnd,
                       macs_removed=selector.macs_removed(state.masks), masks=state.masks)
 
 
-def _with_test(point: PrunePoint, model: nn.Module, splits: _Splits, device: torch.device, **kw) -> PrunePoint:
+def _with_test(point: PrunePoint, model: nn.Module, splits: _Splits, device: torch.device, world: World,
+               **kw) -> PrunePoint:
     """The point as a result: test accuracy (reported only), a CPU copy of the weights and masks."""
-    test_acc = evaluate(model, splits.test, device=device)[0] if splits.test is not None else None
+    test_acc = evaluate(model, splits.test, device=device, world=world)[0] if splits.test is not None else None
     return replace(point, test_accuracy=test_acc, **kw,
                    state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                    masks=point.masks.to("cpu"))
 
 
 def _choose_held(state: _Progress, dense: nn.Module, splits: _Splits, method: Method, max_drop: float,
-                 device: torch.device, start: float) -> PrunePoint:
+                 device: torch.device, start: float, world: World) -> PrunePoint:
     """The max-drop point: the last round that held, else the dense weights (round 0, always holds)."""
     if state.held is not None:
         return state.held
@@ -436,9 +469,10 @@ def _choose_held(state: _Progress, dense: nn.Module, splits: _Splits, method: Me
                   f"the dense model; the max-drop result is the dense model itself (sparsity 0)",
                   RuntimeWarning, stacklevel=3)
     model = copy.deepcopy(dense).to(device)
+    sync_module(world, model)
     sparsity, nonzero, total = measured_sparsity(model)
     point = PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
-                       val_accuracy=evaluate(model, splits.val, device=device)[0], test_accuracy=None,
+                       val_accuracy=evaluate(model, splits.val, device=device, world=world)[0], test_accuracy=None,
                        seconds=time.perf_counter() - start, curvature_seconds=state.curvature_seconds, round=0,
                        masks=masks_from_weights(model))
-    return _with_test(point, model, splits, device, max_drop=max_drop)
+    return _with_test(point, model, splits, device, world, max_drop=max_drop)

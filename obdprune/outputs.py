@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -37,10 +38,11 @@ from typing import Any, Callable, Sequence
 
 from obdprune.atomic import OutputLock, new_sibling_folder, replace_folder, writing
 from obdprune.checkpoint import STATE_FILE, RoundStore, StudyState
+from obdprune.runtime import check_stop
 from obdprune.errors import ObdpruneError, OutputBusyError, OutputError, OutputExistsError, UsageError
 
 __all__ = ["OutputKind", "OutputTarget", "StudyFolder", "ResultsFolder", "claim_output", "existing_output",
-           "OUTPUT_MARKERS"]
+           "OUTPUT_MARKERS", "shared_output", "FollowerOutput"]
 
 # A folder holding any of these was written by obdprune: a run folder, a study, or a folder of runs.
 OUTPUT_MARKERS = {"manifest.json": "an obdprune run folder", "model.safetensors": "an obdprune run folder",
@@ -330,3 +332,92 @@ class ResultsFolder(OutputTarget):
             replace_folder(src, self.path)
         self.discard()
         return results
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+class _FollowerRounds:
+    """A rank other than 0 saves no round snapshot; on resume it gets rank 0's (see ``prune_model``)."""
+
+    def load(self) -> None:
+        return None
+
+    def save(self, st: Any) -> None:
+        check_stop()
+
+
+class _FollowerState:
+    """Rank 0's finished stages, as a rank other than 0 follows them; records nothing on disk."""
+
+    def __init__(self, stages: dict[str, Any]):
+        self.stages = dict(stages)
+
+    def done(self, stage: str) -> Any:
+        return self.stages.get(stage)
+
+    def rounds(self, key: str) -> _FollowerRounds:
+        return _FollowerRounds()
+
+    def finish(self, stage: str, value: Any = True) -> None:
+        self.stages[stage] = value
+        check_stop()
+
+    def complete(self) -> None:
+        pass
+
+
+class FollowerOutput:
+    """What a rank other than 0 holds in place of rank 0's output: the same finished stages, no files.
+
+    ``runs`` is None, so run folders are not written, and :meth:`publish` moves nothing.
+    """
+
+    def __init__(self, path: Path, stages: dict[str, Any]):
+        self.path, self.state, self.runs, self.work = path, _FollowerState(stages), None, None
+
+    def run_stage(self, stage: str, compute: Callable[[Any], Any]) -> Any:
+        done = self.state.done(stage)
+        if done is not None:
+            return done
+        value = compute(self.state.rounds(stage))
+        self.state.finish(stage, value)
+        return value
+
+    def publish(self, results: list[dict], **_: Any) -> list[dict]:
+        """The results as rank 0 publishes them; paths name the output rank 0 writes."""
+        return [{**r, "path": r.get("path", str(self.path))} for r in results]
+
+
+@contextlib.contextmanager
+def shared_output(world: Any, make: Callable[[], OutputTarget]):
+    """``make()`` entered on rank 0 (locks, checks, resume record) and a :class:`FollowerOutput` with rank 0's
+    finished stages on the other ranks; one process: ``make()`` itself. If rank 0 cannot open its output,
+    every rank raises.
+
+    Example::
+
+        with shared_output(world, lambda: ResultsFolder(out, "prune", args, resume=True)) as folder:
+            results = folder.run_stage("prune:obd", lambda checkpoint: prune_dense(..., checkpoint=checkpoint))
+    """
+    from obdprune.distributed import broadcast_object
+
+    if not world.distributed:
+        with make() as target:
+            yield target
+        return
+    if not world.writer:
+        told = broadcast_object(world, None)
+        if "error" in told:
+            raise ObdpruneError(f"rank 0 could not open its output: {told['error']}")
+        yield FollowerOutput(Path(told["path"]), told["stages"])
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            target = stack.enter_context(make())
+        except BaseException as e:
+            broadcast_object(world, {"error": str(e)})
+            raise
+        state = getattr(target, "state", None)
+        broadcast_object(world, {"path": str(target.path), "stages": dict(state.stages) if state is not None else {}})
+        yield target

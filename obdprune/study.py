@@ -15,6 +15,7 @@ from torch import nn
 
 from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
+from obdprune.distributed import barrier, broadcast_object, current
 from obdprune.errors import DataError, ModelFileError, UsageError
 from obdprune.measure import measured_sparsity
 from obdprune.methods import Method, PruneConfig, PrunePoint, prune_model
@@ -77,9 +78,11 @@ def dataset_manifest_entry(spec: dict, data: Dataset) -> dict:
 
 def run_metrics(model: nn.Module, data: Dataset, device: str | torch.device = "cpu") -> dict:
     """The ``metrics`` entry of a run manifest: validation and test accuracy and loss of ``model`` on
-    ``data``, and its Conv2d/Linear weight count, nonzero count and sparsity."""
-    val_acc, val_loss = evaluate(model, data.val, device=device)
-    test_acc, test_loss = evaluate(model, data.test, device=device)
+    ``data`` (counts summed over every rank under torchrun), and its Conv2d/Linear weight count, nonzero
+    count and sparsity."""
+    world = current()
+    val_acc, val_loss = evaluate(model, data.val, device=device, world=world)
+    test_acc, test_loss = evaluate(model, data.test, device=device, world=world)
     sparsity, nonzero, total = measured_sparsity(model)
     return {"val_accuracy": val_acc, "test_accuracy": test_acc, "val_loss": val_loss, "test_loss": test_loss,
             "weights": total, "nonzero_weights": nonzero, "sparsity": sparsity}
@@ -87,24 +90,30 @@ def run_metrics(model: nn.Module, data: Dataset, device: str | torch.device = "c
 
 def train_dense(data: Dataset, spec: dict, model_name: str, cfg: TrainConfig, *, device: str = "cpu",
                 progress: bool = True, out: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """Build ``model_name`` for ``data`` (model init seeded by ``cfg.seed``), train it, optionally save a run."""
+    """Build ``model_name`` for ``data`` (model init seeded by ``cfg.seed``), train it, optionally save a run.
+
+    Under torchrun every rank trains its shard (``cfg.batch_size`` is the global batch); rank 0 saves."""
+    world = current()
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
     t0 = time.perf_counter()
-    history = train(model, data.train, cfg, device=device, progress=progress, desc="dense")
+    history = train(model, data.train, cfg, device=device, progress=progress and world.writer, desc="dense",
+                    world=world)
     manifest = {
         "kind": "dense",
         "model": model_spec(model_name, data.input_shape, data.num_classes),
         "dataset": dataset_manifest_entry(spec, data),
         "seed": cfg.seed,
         "device": str(device),
+        "distributed": world.to_dict(cfg.batch_size),
         "train": cfg.to_dict(),
         "history": history,
         "seconds": time.perf_counter() - t0,
         "metrics": run_metrics(model, data, device),
     }
-    if out is not None:
+    if out is not None and world.writer:
         save_run(out, model.cpu(), manifest)
+    barrier(world)
     return model, manifest
 
 
@@ -139,12 +148,13 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
     if parent_path is None and isinstance(dense, LoadedRun):
         parent_path = dense.path
     dense_val = manifest["metrics"]["val_accuracy"]
+    world = current()
     results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
                           device=device, progress=progress, on_round=on_round, checkpoint=checkpoint)
     out = []
     for r in results:
         d = r.to_dict()
-        if out_dir is not None:
+        if out_dir is not None and world.writer:
             pruned = rebuild_model(manifest["model"])
             pruned.load_state_dict(r.state_dict)
             path = Path(out_dir) / result_label(r)
@@ -154,6 +164,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
                 "dataset": manifest["dataset"],
                 "seed": cfg.seed,
                 "device": str(device),
+                "distributed": world.to_dict(cfg.finetune.batch_size),
                 "parent": {"train": manifest.get("train"), "metrics": manifest["metrics"]}
                           | ({"path": str(Path(parent_path).resolve())} if parent_path is not None else {}),
                 "prune": cfg.to_dict(),
@@ -165,6 +176,7 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
             save_run(path, pruned, run_manifest, masks=r.masks)
             d["path"] = str(path)
         out.append(d)
+    barrier(world)
     return out
 
 
@@ -192,15 +204,25 @@ def run_compare(
 
     ``state`` records each finished stage (dense training, every pruning round, every method); stages it
     already holds are skipped, so an interrupted study continues where it stopped. ``browser`` also runs
-    every result beside the dense model in headless Chromium (:func:`obdprune.web.study.browser_study`)."""
+    every result beside the dense model in headless Chromium (:func:`obdprune.web.study.browser_study`).
+
+    Under torchrun every rank calls ``run_compare`` alike (the others with a follower ``state`` from
+    :func:`obdprune.outputs.shared_output`); rank 0 writes every file and alone measures the results."""
     if not targets and max_drop is None:
         raise UsageError("give sparsity targets, a max drop, or both")
     methods = [Method.parse(m).value for m in methods]
-    out = Path(out)
+    out, world = Path(out), current()
     if state is not None and state.done("dense"):
         log(f"dense: finished earlier, loading {out / 'dense'}")
-        dense = load_run(out / "dense")
-        dense_model, dense_manifest = dense.model, dense.manifest
+        if not world.distributed:
+            dense = load_run(out / "dense")
+            dense_model, dense_manifest = dense.model, dense.manifest
+        else:  # rank 0 reads the run; the others rebuild the model from what it sends
+            dense = load_run(out / "dense") if world.writer else None
+            dense_manifest, weights = broadcast_object(world, (dense.manifest, dense.model.state_dict())
+                                                       if dense is not None else None)
+            dense_model = rebuild_model(dense_manifest["model"])
+            dense_model.load_state_dict(weights)
     else:
         log(f"training dense {model_name} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
             f"{len(data.test)} test)")
@@ -220,6 +242,7 @@ def run_compare(
         "prune": prune_cfg.to_dict(),
         "targets": list(targets),
         "max_drop": max_drop,
+        "distributed": world.to_dict(train_cfg.batch_size),
         "results": [],
     }
     for method in methods:
@@ -239,9 +262,14 @@ def run_compare(
             log(f"  {method} {tag}: sparsity {100 * r['sparsity']:.2f}%, test {100 * r['test_accuracy']:.2f}%, "
                 f"val {100 * r['val_accuracy']:.2f}%")
         summary["results"].extend(rs)
-        write_study_outputs(out, summary)
+        if world.writer:
+            write_study_outputs(out, summary)
         if state is not None and state.done(stage) is None:
             state.finish(stage, rs)
+    if not world.writer:  # measuring and the reports are rank 0's alone
+        if state is not None:
+            state.complete()
+        return summary
     if measure and summary["results"]:
         from obdprune.measure import measure_study
 

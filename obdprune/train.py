@@ -14,6 +14,7 @@ from obdprune.choices import Choice
 from obdprune.errors import TrainingDiverged, UsageError
 from obdprune.batches import Batches, as_batches
 from obdprune.constraints import StepConstraints
+from obdprune.distributed import World, all_reduce_sums, shard, wrap
 from obdprune.masking import MaskSet
 from obdprune.progress import progress_bar
 from obdprune.regularize import NoRegularizer, Regularizer
@@ -97,6 +98,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[int, dict], None] | None = None,
+    world: World | None = None,
 ) -> list[dict]:
     """Train ``model`` in place with mean cross-entropy on ``data``: an ``(x (N, ...), y (N,))`` pair
     (shuffled here, seeded by ``cfg.seed``) or any re-iterable of batches such as a DataLoader.
@@ -106,6 +108,10 @@ def train(
     ``{"epoch", "loss", "accuracy", "lr"}`` on training data. Raises TrainingDiverged naming the epoch
     and step if the loss is NaN or infinite.
 
+    world: under torchrun (see :mod:`obdprune.distributed`), every rank calls ``train`` alike: the model
+    is wrapped in DistributedDataParallel for this phase, in-memory data is sharded so ``cfg.batch_size``
+    is the global batch, and the history counts every rank's samples.
+
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     >>> x, y = torch.randn(8, 1, 2, 2), torch.tensor([0, 1] * 4)
     >>> [h["epoch"] for h in train(model, (x, y), TrainConfig(epochs=2, batch_size=4), progress=False)]
@@ -114,10 +120,13 @@ def train(
     if extra or not isinstance(cfg, TrainConfig):
         raise UsageError(f"train(model, data, cfg): cfg must be a TrainConfig, got {type(cfg).__name__}; pass the "
                          f"data as one argument: a DataLoader or an (inputs, targets) pair")
-    batches = as_batches(data, "training data")
+    world = world or World()
+    batches = shard(as_batches(data, "training data"), world)
     regularizer = regularizer or NoRegularizer()
     device = torch.device(device)
     model.to(device)
+    net = wrap(model, world)  # a new wrapper every phase: the model may have changed shape in between
+    global_sizes = batches.global_batch_sizes(cfg.batch_size)
     steps_per_epoch = batches.steps_per_epoch(cfg.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs) if steps_per_epoch else None
@@ -132,16 +141,22 @@ def train(
             for step, (xb, yb) in enumerate(batches.epoch(cfg.batch_size, gen)):
                 check_stop()  # SIGINT/SIGTERM: stop between steps, never inside one
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                logits = net(xb)
+                if global_sizes is None:
+                    loss = F.cross_entropy(logits, yb)
+                    objective = loss
+                else:  # DDP averages over ranks: scale the shard's sum so the average is the global mean
+                    loss_sum_shard = F.cross_entropy(logits, yb, reduction="sum")
+                    loss = loss_sum_shard / max(int(yb.shape[0]), 1)
+                    objective = loss_sum_shard * (world.size / global_sizes[step])
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch}, step {step + 1}; lower the learning rate "
                         f"(now {cfg.lr}) or the regularization strength")
-                total = loss
+                total = objective
                 pen = regularizer.penalty(model)
                 if pen is not None:
-                    total = loss + pen
+                    total = objective + pen
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()  # StepConstraints: masked gradients before, proximal step and masks after
@@ -155,6 +170,7 @@ def train(
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
             bar.close()
+            loss_sum, correct, seen = all_reduce_sums(world, [loss_sum, correct, seen], "train")
             rec = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1),
                    "lr": opt.param_groups[0]["lr"]}
             history.append(rec)
@@ -167,16 +183,21 @@ def train(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor] | Iterable, *,
-             batch_size: int = 1000, device: torch.device | str = "cpu") -> tuple[float, float]:
+             batch_size: int = 1000, device: torch.device | str = "cpu",
+             world: World | None = None) -> tuple[float, float]:
     """Accuracy (fraction) and mean cross-entropy of ``model`` in eval mode on ``data``: an
     ``(x (N, ...), y (N,))`` pair or a re-iterable of batches.
+
+    world: under torchrun every rank calls ``evaluate`` alike; in-memory data is split between the ranks
+    and the counts are all-reduced, so every rank returns the same numbers.
 
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     >>> acc, loss = evaluate(model, (torch.randn(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)))
     >>> 0.0 <= acc <= 1.0
     True
     """
-    batches = as_batches(data, "evaluation data")
+    world = world or World()
+    batches = shard(as_batches(data, "evaluation data"), world)
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -188,5 +209,6 @@ def evaluate(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor]
         correct += int((logits.argmax(1) == yb).sum())
         n += int(yb.shape[0])
     model.train(was_training)
+    correct, loss_sum, n = all_reduce_sums(world, [correct, loss_sum, n], "evaluate")
     n = max(n, 1)
     return correct / n, loss_sum / n
