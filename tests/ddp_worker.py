@@ -40,7 +40,7 @@ class Splits:
 
 def config(granularity: str, curvature: str = "ggn") -> PruneConfig:
     return PruneConfig(method="hybrid", granularity=granularity, reg_epochs=1, prune_step=0.6, curvature=curvature,
-                       curvature_samples=40, l1_lambda=1e-3,
+                       curvature_samples=40, l1_lambda=1e-3, min_units=1,
                        finetune=TrainConfig(epochs=1, lr=0.05, batch_size=16, schedule="cosine"))
 
 
