@@ -1,0 +1,46 @@
+"""Building blocks of the accuracy recipe (issue: accuracy at high sparsity), each against its definition:
+the cubic ramp of gradual pruning (Zhu & Gupta 2017) and the max-drop stopping rules on rigged sequences.
+Layer-wise OBS is in tests/test_obs.py. Their wiring into the prune loop is not on main yet."""
+import pytest
+
+from obdprune.errors import UsageError
+from obdprune.gradual import cubic_sparsity, gradual_sparsities, plan_gradual
+from obdprune.stopping import choose_max_drop, standard_error
+
+
+def test_cubic_ramp_formula_and_snapped_targets():
+    n, final = 10, 0.9
+    ramp = [cubic_sparsity(k, n, final) for k in range(1, n + 1)]
+    assert ramp[-1] == final and ramp == sorted(ramp)
+    assert cubic_sparsity(3, 10, 0.8, 0.2) == pytest.approx(0.8 + (0.2 - 0.8) * 0.7 ** 3)
+    path = gradual_sparsities([0.5, 0.75, 0.9], n)
+    first = {t: min(k for k in range(n) if ramp[k] >= t) for t in (0.5, 0.75, 0.9)}
+    for t, k in first.items():
+        assert path[k] == t  # exact, at the first step the ramp reaches it
+    assert path == sorted(path)
+    assert [s for k, s in enumerate(path) if k not in first.values()] == \
+        [r for k, r in enumerate(ramp) if k not in first.values()]
+    with pytest.raises(UsageError, match="prune_every"):
+        gradual_sparsities([0.1, 0.2, 0.3, 0.9], 2)
+    with pytest.raises(UsageError, match="total_epochs"):
+        plan_gradual([0.5], steps_per_epoch=8, total_epochs=2, pre_epochs=1, tail_epochs=1, prune_every=2)
+
+
+def test_max_drop_rules_on_rigged_sequences():
+    n, dense, pp = 6000, 0.90, 0.3
+    se = standard_error(0.897, n)
+    assert se == pytest.approx((0.897 * 0.103 / 6000) ** 0.5)
+    line = dense - pp / 100
+    seed_a = [line - 0.5 * se, line + 0.001, line + 0.0005, line - 0.02]  # round 1 misses by noise
+    seed_b = [line + 0.0005, line + 0.001, line + 0.0002, line - 0.02]
+    assert choose_max_drop("first-failure", seed_a, n, dense, pp) == 0  # the flip the old rule allows
+    assert choose_max_drop("first-failure", seed_b, n, dense, pp) == 3
+    assert choose_max_drop("forgive-one", seed_a, n, dense, pp) == 3
+    assert choose_max_drop("forgive-one", seed_b, n, dense, pp) == 3
+    # a miss beyond one SE stops it; so does a second miss in a row; a forgiven round is never returned
+    assert choose_max_drop("forgive-one", [line + 0.001, line - 2 * se, line + 0.01], n, dense, pp) == 1
+    assert choose_max_drop("forgive-one", [line + 0.001, line - 0.5 * se, line - 0.5 * se, line + 0.01], n, dense,
+                           pp) == 1
+    assert choose_max_drop("forgive-one", [line - 0.5 * se, line - 0.5 * se, line + 0.01], n, dense, pp) == 0
+    assert choose_max_drop("forgive-one", [line + 0.001, line - 0.5 * se, line + 0.001, line - 0.5 * se,
+                                           line + 0.001], n, dense, pp) == 5
