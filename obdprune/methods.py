@@ -363,12 +363,7 @@ def prune_model(
     Points hold CPU state_dicts and masks so callers can save the models.
     """
     targets = sparsity_targets(targets)
-    if not targets and max_drop is None:
-        raise UsageError("give sparsity targets, a max drop, or both")
-    if max_drop is not None and not (0.0 <= max_drop <= 100.0):
-        raise UsageError(f"the max drop is in percentage points and must be in [0, 100], got {max_drop}")
-    if fine_tune is not None and cfg.method.regularized and cfg.l1_mode is L1Mode.PENALTY:
-        raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
+    _check_request(targets, max_drop, cfg, fine_tune)
     world = world or current()
     method, device, splits = cfg.method, torch.device(device), _splits(data, world)
     dense_model, model = model, copy.deepcopy(model).to(device)
@@ -383,49 +378,19 @@ def prune_model(
     reg = selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
     run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress and world.writer, world)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_curv = min(cfg.curvature_samples, len(splits.train))
     state = _Progress(MaskSet.dense(model), [])
-    start = time.perf_counter()
+    snapshots = _Snapshots(checkpoint, world, model, gen, time.perf_counter())
 
-    def save() -> None:
-        if checkpoint is not None:
-            if world.writer:
-                checkpoint.save(RoundState(state.round, model.state_dict(), state.masks, gen.get_state(),
-                                           state.results, state.held, state.failed, state.stop,
-                                           state.curvature_seconds, time.perf_counter() - start))
-            barrier(world)
-
-    resumed = None
-    if checkpoint is not None:
-        resumed = broadcast_object(world, checkpoint.load() if world.writer else None)
-    if resumed is not None:
-        model.load_state_dict(resumed.model_state)
-        state = _Progress(resumed.masks.to(device), resumed.results, resumed.held, resumed.failed, resumed.stop,
-                          resumed.round, resumed.curvature_seconds)
-        gen.set_state(resumed.generator_state)
-        start -= resumed.seconds
-    elif cfg.reg_epochs:
+    if not snapshots.resume(state, device) and cfg.reg_epochs:
         run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method.value} regularize", state.masks, reg)
-        save()
+        snapshots.save(state)
 
     for rnd, target in [] if state.stop else list(enumerate(plan.path, start=1))[state.round:]:
-        curv = None
-        if method.second_order:
-            x, y = splits.train.sample(n_curv, gen)
-            curv, seconds = round_curvature(model, cfg, x, y, device, gen, world)
-            state.curvature_seconds += seconds
-        scores = selector.scores(model, curv, cfg.negative_curvature)
-        state.masks = selector.select(scores, target, state.masks, model)
-        check_same_masks(world, state.masks, f"{method.value} round {rnd}")
-        state.masks.apply(model)
+        _prune_step(model, cfg, selector, splits.train, state, target, gen, device, world, f"{method.value} round {rnd}")
         run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method.value} {target:.3f}", state.masks, reg)
-        point = _measure_point(model, splits, method, state, selector, rnd, start, device, world)
+        point = _measure_point(model, splits, method, state, selector, rnd, snapshots.start, device, world)
         if on_round is not None:
-            on_round({"method": method.value, "round": rnd, "target": target, "sparsity": point.sparsity,
-                      "macs": selector.macs(model, state.masks, example),
-                      "val_accuracy": point.val_accuracy, "seconds": point.seconds,
-                      "curvature_seconds": point.curvature_seconds}
-                     | ({"macs_removed": point.macs_removed} if point.macs_removed is not None else {}))
+            on_round(_round_record(point, target, selector.macs(model, state.masks, example)))
         if round(target, 12) in plan.targets:
             state.results.append(_with_test(point, model, splits, device, world, target_sparsity=target))
         if max_drop is not None and not state.failed:
@@ -434,11 +399,78 @@ def prune_model(
             else:
                 state.failed = True
         state.round, state.stop = rnd, state.failed and target >= plan.last_target
-        save()
+        snapshots.save(state)
         if state.stop:
             break
-    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, start, world)]
-                            if max_drop is not None else [])
+    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, snapshots.start,
+                                          world)] if max_drop is not None else [])
+
+
+def _check_request(targets: list[float], max_drop: float | None, cfg: PruneConfig, fine_tune: FineTune | None) -> None:
+    if not targets and max_drop is None:
+        raise UsageError("give sparsity targets, a max drop, or both")
+    if max_drop is not None and not (0.0 <= max_drop <= 100.0):
+        raise UsageError(f"the max drop is in percentage points and must be in [0, 100], got {max_drop}")
+    if fine_tune is not None and cfg.method.regularized and cfg.l1_mode is L1Mode.PENALTY:
+        raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
+
+
+@dataclass
+class _Snapshots:
+    """The path's checkpoint: rank 0 saves after every round (the others wait), and on resume every rank
+    gets rank 0's snapshot. ``start`` is the path's start time, moved back by the resumed seconds."""
+
+    checkpoint: RoundStore | None
+    world: World
+    model: nn.Module
+    generator: torch.Generator
+    start: float
+
+    def save(self, state: _Progress) -> None:
+        if self.checkpoint is None:
+            return
+        if self.world.writer:
+            self.checkpoint.save(RoundState(state.round, self.model.state_dict(), state.masks,
+                                            self.generator.get_state(), state.results, state.held, state.failed,
+                                            state.stop, state.curvature_seconds, time.perf_counter() - self.start))
+        barrier(self.world)
+
+    def resume(self, state: _Progress, device: torch.device) -> bool:
+        """Load the newest snapshot into the model, ``state`` and the generator; False when there is none."""
+        if self.checkpoint is None:
+            return False
+        resumed = broadcast_object(self.world, self.checkpoint.load() if self.world.writer else None)
+        if resumed is None:
+            return False
+        self.model.load_state_dict(resumed.model_state)
+        state.masks, state.results, state.held = resumed.masks.to(device), resumed.results, resumed.held
+        state.failed, state.stop, state.round = resumed.failed, resumed.stop, resumed.round
+        state.curvature_seconds = resumed.curvature_seconds
+        self.generator.set_state(resumed.generator_state)
+        self.start -= resumed.seconds
+        return True
+
+
+def _prune_step(model: nn.Module, cfg: PruneConfig, selector: Selector, train_data: Batches, state: _Progress,
+                target: float, gen: torch.Generator, device: torch.device, world: World, what: str) -> None:
+    """Score (OBD on a fresh curvature sample, or magnitude), select masks reaching ``target``, apply them."""
+    curv = None
+    if cfg.method.second_order:
+        x, y = train_data.sample(min(cfg.curvature_samples, len(train_data)), gen)
+        curv, seconds = round_curvature(model, cfg, x, y, device, gen, world)
+        state.curvature_seconds += seconds
+    scores = selector.scores(model, curv, cfg.negative_curvature)
+    state.masks = selector.select(scores, target, state.masks, model)
+    check_same_masks(world, state.masks, what)
+    state.masks.apply(model)
+
+
+def _round_record(point: PrunePoint, target: float, macs: int) -> dict:
+    """What ``on_round`` gets after a round."""
+    return ({"method": point.method, "round": point.round, "target": target, "sparsity": point.sparsity,
+             "macs": macs, "val_accuracy": point.val_accuracy, "seconds": point.seconds,
+             "curvature_seconds": point.curvature_seconds}
+            | ({"macs_removed": point.macs_removed} if point.macs_removed is not None else {}))
 
 
 def _measure_point(model: nn.Module, splits: _Splits, method: Method, state: _Progress, selector: Selector,

@@ -178,3 +178,25 @@ def test_cli_kill_one_rank_then_resume_under_torchrun(dense, tmp_path):
         assert a[label].keys() == b[label].keys()
         for k in a[label]:
             assert torch.equal(a[label][k], b[label][k]), (label, k)
+
+
+def test_cli_sigterm_to_torchrun_stops_every_rank_with_finished_rounds_kept(dense, tmp_path):
+    """torchrun passes SIGTERM to every rank: each stops at a step boundary (or at the next collective its
+    stopped peer no longer joins), exits non-zero, and the finished rounds wait for --resume."""
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "obdprune", "prune",
+                             str(dense), *PRUNE, "--out", str(out)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    assert "round 1" in line, proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, None), err
+    assert time.monotonic() - t0 < 60
+    assert "Traceback" not in err.split("torch.distributed.elastic")[0], err[-3000:]
+    assert not out.exists()  # nothing published
+    assert any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir())  # the work folder with its rounds
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"ranks still running: {leftover}"
