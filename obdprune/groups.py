@@ -190,15 +190,19 @@ class UnitAnalysis:
     groups: tuple[UnitLayer, ...]
     excluded: Mapping[str, tuple[Exclusion, str]]
 
-    def explain(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> list[str]:
-        """One line per layer that cannot lose units: ``"name: kind (detail)"``, layers at their
-        minimum (``min_units`` / ``layer_floor``) included."""
-        lines = [f"{n}: {k.value} ({d})" for n, (k, d) in self.excluded.items()]
+    def reasons(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> dict[str, str]:
+        """``{layer: "kind (detail)"}`` for every layer that cannot lose units, layers at their minimum
+        (``min_units`` / ``layer_floor``) included; e.g. ``{"fc": "output layer (its outputs are model outputs)"}``."""
+        out = {n: f"{k.value} ({d})" for n, (k, d) in self.excluded.items()}
         for g in self.groups:
             floor = unit_floor(g.units, layer_floor, min_units)
             if floor >= g.units:
-                lines += [f"{n}: {Exclusion.MINIMUM.value} ({g.units} units, keeps at least {floor})" for n in g.layers]
-        return lines
+                out.update({n: f"{Exclusion.MINIMUM.value} ({g.units} units, keeps at least {floor})" for n in g.layers})
+        return out
+
+    def explain(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> list[str]:
+        """One line per layer that cannot lose units: ``"name: kind (detail)"`` (see :meth:`reasons`)."""
+        return [f"{n}: {r}" for n, r in self.reasons(min_units, layer_floor).items()]
 
 
 class _Excluded(Exception):

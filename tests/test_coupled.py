@@ -1,6 +1,7 @@
 """Coupled units: channels tied across layers (residual sums, depthwise convs, squeeze-excitation,
 concatenations) are pruned together, compaction removes them exactly, and the layers that cannot lose
 units say why."""
+import json
 import math
 
 import pytest
@@ -249,3 +250,31 @@ def test_prune_front_door_prunes_every_coupled_layer_of_resnet20_by_macs():
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert all(after[n] >= min(4, before[n]) for n in before)
     assert sum(after[n] < before[n] for n in convs) >= len(convs) // 2  # the pruning reaches coupled convs
+
+
+def test_pruner_step_beyond_the_limit_lists_every_layer_that_keeps_its_units():
+    model, x = _net("channel-shuffle")
+    pruner = obdprune.Pruner(model, method="magnitude", granularity="channel", budget="macs", example_inputs=x[:2],
+                             min_units=2, layer_floor=0.0)
+    limit = pruner.selector.limit(model)
+    with pytest.raises(UsageError) as err:
+        pruner.step(round(limit + 0.1, 2))
+    text = str(err.value)
+    assert "would empty a layer" in text and "layers that cannot lose units:" in text
+    assert "\n  5: output layer (its outputs are model outputs)" in text
+    assert "\n  1.branch.3.0: unsupported op (a reshape of the channels" in text
+
+
+def test_compare_summary_and_report_list_the_layers_that_keep_their_units(tmp_path):
+    from obdprune.cli import main
+
+    out = tmp_path / "study"  # lenet5 on 8x8 digits: conv 0 (6 filters), conv 3 (16), fc 7, fc 9, fc 11 (classes)
+    assert main(["compare", "--dataset", "digits", "--model", "lenet5", "--epochs", "0", "--granularity", "channel",
+                 "--methods", "magnitude", "--sparsity", "0.3", "--finetune-epochs", "0", "--reg-epochs", "0",
+                 "--min-units", "8", "--keep", "3", "--no-measure", "--no-progress", "--out", str(out)]) == 0
+    expected = {"3": "protected by the user (keep '3')", "11": "output layer (its outputs are model outputs)",
+                "0": "at its minimum (6 units, keeps at least 6)"}
+    assert json.loads((out / "summary.json").read_text())["excluded_layers"] == expected
+    report = (out / "report.md").read_text()
+    listed = report.split("## Layers that keep all their units\n\n")[1].split("\n\n")[0].splitlines()
+    assert listed == [f"- `{n}`: {why}" for n, why in expected.items()]
