@@ -278,3 +278,25 @@ def test_compare_summary_and_report_list_the_layers_that_keep_their_units(tmp_pa
     report = (out / "report.md").read_text()
     listed = report.split("## Layers that keep all their units\n\n")[1].split("\n\n")[0].splitlines()
     assert listed == [f"- `{n}`: {why}" for n, why in expected.items()]
+
+
+class _GroupsReadDifferentLayers(nn.Module):
+    """A grouped conv whose first group reads one conv and second group another (through a concatenation):
+    neither conv's channels can go without emptying one group more than the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.g(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))))
+
+
+def test_a_grouped_conv_whose_groups_read_different_layers_keeps_them_and_says_why():
+    torch.manual_seed(0)
+    analysis = unit_analysis(_GroupsReadDifferentLayers(), torch.randn(2, 3, 8, 8))
+    why = "grouped convolution 'g' (groups=2): a unit does not take the same input channels from each group"
+    assert analysis.excluded["a"] == analysis.excluded["b"] == (Exclusion.UNSUPPORTED, why)
+    assert [(g.layer, g.blocks) for g in analysis.groups] == [("g", 2)]
