@@ -21,8 +21,8 @@ from obdprune.constraints import StepConstraints, StepHandle
 from obdprune.distributed import check_same_masks, current, shard
 from obdprune.errors import UsageError
 from obdprune.masking import MaskSet
-from obdprune.methods import (FineTune, Method, PruneConfig, PrunePoint, measured_sparsity, prune_model,
-                              round_curvature, sparsity_targets)
+from obdprune.methods import (FineTune, Method, PruneConfig, PrunePoint, beyond_limit, measured_sparsity,
+                              prune_model, round_curvature, sparsity_targets)
 from obdprune.regularize import NoRegularizer
 from obdprune.selection import make_selector
 from obdprune.train import evaluate
@@ -216,8 +216,7 @@ class Pruner:
         cfg, model = self.config, self.model
         limit = self.selector.limit(model)
         if target > limit:
-            raise UsageError(f"sparsity {target} would empty a layer: with a layer floor of {cfg.layer_floor} "
-                             f"at most {limit:.4f} of the {self.selector.counted} can go")
+            raise beyond_limit(self.selector, cfg, target, limit)
         curv, world = None, current()
         if cfg.method.second_order:
             if data is None:

@@ -21,7 +21,10 @@ residual sum, and the matching inputs of every layer that reads it):
 2. no tensor of the group may be a model output (its units are never removed);
 3. for every layer that reads channel ``c`` (consumer conv/linear, after Flatten ``c`` becomes
    H*W consecutive inputs), each input position either has all-zero weights in the consumer or
-   carries a value that is identically zero for every model input.
+   carries a value that is identically zero for every model input;
+4. a grouped conv (``groups`` = g, not depthwise) in the group must stay valid: of its output
+   channels as many go from each group, of its input channels the same positions in each group
+   (the largest such part of the dead channels is removed, the rest stays).
 
 "Identically zero" is decided by propagating per-channel constants forward through the graph:
 a conv/linear channel whose weights that meet non-zero inputs are all zero is the constant
@@ -91,6 +94,61 @@ def _autograd_ready(example_inputs: Any) -> Any:
 
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution whose input and output channels are separate (not depthwise)."""
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and not _is_depthwise(m)
+
+
+def _reads_input(m: nn.Module) -> torch.Tensor:
+    """(in_channels,) bool: input channels some nonzero weight of the Conv/Linear ``m`` reads."""
+    w = m.weight.detach()
+    groups = getattr(m, "groups", 1)
+    nz = (w != 0).transpose(0, 1).reshape(w.shape[1], groups, -1).any(dim=2)  # (in/groups, groups)
+    return nz.T.reshape(-1)  # input channel c = group * (in/groups) + position
+
+
+def _input_columns(m: nn.Module, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of ``m.weight`` that read the input ``channels`` (grouped convs read a channel
+    with the filters of its group only)."""
+    groups = getattr(m, "groups", 1)
+    per_in, per_out = m.weight.shape[1], m.weight.shape[0] // groups
+    rows = (channels // per_in).unsqueeze(1) * per_out + torch.arange(per_out)  # (k, per_out)
+    return rows, (channels % per_in).unsqueeze(1).expand_as(rows)
+
+
+def _equal_groups(dg: tp.DependencyGraph, items: list[Any], dead: torch.Tensor) -> torch.Tensor:
+    """The largest part of ``dead`` (bool over the root's channels) whose removal keeps every grouped conv
+    of the group valid: as many output channels gone from each of its groups, and of its input channels
+    the same positions in each group. A grouped conv otherwise could not be rebuilt."""
+    dead = dead.clone()
+    changed = True
+    while changed:
+        changed = False
+        for it in items:
+            m = it.dep.target.module
+            if not _is_grouped(m):
+                continue
+            out = dg.is_out_channel_pruning_fn(it.dep.handler)
+            n = m.out_channels if out else m.in_channels
+            size = n // m.groups
+            roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+            idx = torch.as_tensor(list(it.idxs), dtype=torch.long)
+            here = torch.zeros(n, dtype=torch.bool)
+            here[idx[dead[roots]]] = True
+            grid = here.view(m.groups, size)
+            if out:  # keep the first `least` dead channels of every group
+                least = int(grid.sum(dim=1).min())
+                keep = grid & (grid.cumsum(dim=1) <= least)
+            else:
+                keep = grid.all(dim=0, keepdim=True).expand_as(grid)
+            undead = (grid & ~keep).reshape(-1)
+            back = undead[idx]
+            if back.any():
+                dead[roots[back]] = False
+                changed = True
+    return dead
 
 
 def _compactable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -252,9 +310,7 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
         return False
     t = node.type
     if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV):
-        if not isinstance(m, CONV_TYPES):
-            return False  # transposed convs
-        return m.groups == 1 or _is_depthwise(m)
+        return isinstance(m, CONV_TYPES)  # not transposed convs
     if t == tp_ops.OPTYPE.LINEAR:
         return len(tr.module_in_shape.get(m, ())) == 2
     if t == tp_ops.OPTYPE.BN:
@@ -458,6 +514,7 @@ class _Group:
     items: list[Any]
     ok: bool
     dead: torch.Tensor  # bool over root channels
+    dg: tp.DependencyGraph
 
 
 @torch.no_grad()
@@ -486,14 +543,14 @@ def _analyse_groups(model: nn.Module, example_inputs: Any) -> tuple[_Trace, list
                 if _role(dg, it) != "reader":
                     continue
                 reader = it.dep.target.module
-                w = reader.weight.detach()
                 idx = torch.as_tensor(list(it.idxs), dtype=torch.long)
                 roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
-                in_zero = _input_zero(tr, reader, w.shape[1])
-                col_nz = (w != 0).transpose(0, 1).reshape(w.shape[1], -1).any(dim=1)  # (in,)
+                col_nz = _reads_input(reader)  # (in,)
+                in_zero = _input_zero(tr, reader, col_nz.numel())
                 contributes = col_nz[idx] & ~in_zero[idx]
                 dead[roots[contributes]] = False
-        groups.append(_Group(root=m, items=items, ok=ok, dead=dead))
+            dead = _equal_groups(dg, items, dead)
+        groups.append(_Group(root=m, items=items, ok=ok, dead=dead, dg=dg))
     return tr, groups
 
 
@@ -511,7 +568,7 @@ def _zero_dead(dg: tp.DependencyGraph, group: _Group) -> None:
             continue
         m = it.dep.target.module
         if role == "reader":
-            m.weight[:, idx] = 0
+            m.weight[_input_columns(m, idx)] = 0
             continue
         if isinstance(m, BATCH_NORM_TYPES) and not m.affine:
             continue
@@ -633,14 +690,14 @@ def _plan(model: nn.Module, example_inputs: Any) -> list[tuple[str, list[int]]]:
     dead, groups, names = _find_dead(model, example_inputs)
     plan = []
     for g in groups:
-        root_name = names[g.root]
-        idxs = torch.nonzero(dead[root_name]).flatten().tolist()
         if not g.ok:
             continue
-        if len(idxs) == _n_out(g.root):
-            idxs = idxs[1:]
+        gone = dead[names[g.root]].clone()
+        if gone.all():
+            gone[0] = False
+        idxs = torch.nonzero(_equal_groups(g.dg, g.items, gone)).flatten().tolist()
         if idxs:
-            plan.append((root_name, idxs))
+            plan.append((names[g.root], idxs))
     return plan
 
 

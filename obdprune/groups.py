@@ -54,15 +54,22 @@ DEFAULT_MIN_UNITS = 4
 class UnitMember:
     """A parameter a unit spans besides its layer's own: row ``rows[i]`` of ``param`` (rows along dim 0)
     belongs to unit ``i``; e.g. the other convs of a residual sum, a depthwise conv, their BatchNorms,
-    the slice of a BatchNorm that normalizes a concatenation."""
+    the slice of a BatchNorm that normalizes a concatenation. With ``blocks`` > 1 (a grouped conv on the
+    way) unit ``i`` spans the ``blocks`` rows ``rows[i * blocks:(i + 1) * blocks]``, one per channel group."""
 
     param: str
     shape: tuple[int, ...]
     rows: tuple[int, ...]
+    blocks: int = 1
 
     @property
     def row_size(self) -> int:
         return math.prod(self.shape[1:])
+
+    @property
+    def unit_size(self) -> int:
+        """Entries of ``param`` one unit spans."""
+        return self.row_size * self.blocks
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class UnitLayer:
     coupled: the members in other layers (empty when nothing is tied to ``layer``: a LeNet's units).
     producers: the other Conv/Linear layers whose output channels are the units (the convs on both
       sides of a residual sum, a depthwise conv): removing a unit removes one output of each.
+    blocks: channels per unit; 1 unless a grouped convolution (``groups`` = g, not depthwise) produces or
+      reads the channels. Then unit ``i`` is channel ``i`` of every one of ``blocks`` equal slices of the
+      channels (rows ``i, i + units, i + 2·units, ...`` of ``params``): the same position in every group of
+      the grouped conv, so removing units keeps its groups equal and compaction rebuilds it with fewer
+      channels per group.
     """
 
     layer: str
@@ -88,6 +100,7 @@ class UnitLayer:
     readers: tuple[tuple[str, int], ...] = ()
     coupled: tuple[UnitMember, ...] = ()
     producers: tuple[str, ...] = ()
+    blocks: int = 1
 
     @property
     def weight(self) -> str:
@@ -95,7 +108,7 @@ class UnitLayer:
 
     @property
     def units(self) -> int:
-        return self.weight_shape[0]
+        return self.weight_shape[0] // self.blocks
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -106,24 +119,32 @@ class UnitLayer:
     def fan_in(self) -> int:
         """Conv/Linear weights of one unit (its layer's and every producer's row): what removing it
         counts toward the sparsity."""
-        own = math.prod(self.weight_shape[1:])
+        own = math.prod(self.weight_shape[1:]) * self.blocks
         weights = {f"{p}.weight" for p in self.producers}
-        return own + sum(m.row_size for m in self.coupled if m.param in weights)
+        return own + sum(m.unit_size for m in self.coupled if m.param in weights)
 
     @property
     def group_size(self) -> int:
-        """Entries of one unit's group |g|: the layer's weight row, one per bias / BatchNorm parameter,
-        and the rows of every coupled member."""
-        return math.prod(self.weight_shape[1:]) + len(self.params) - 1 + sum(m.row_size for m in self.coupled)
+        """Entries of one unit's group |g|: the layer's weight row(s), one per bias / BatchNorm parameter
+        (and block), and the rows of every coupled member."""
+        own = (math.prod(self.weight_shape[1:]) + len(self.params) - 1) * self.blocks
+        return own + sum(m.unit_size for m in self.coupled)
 
     @property
     def weights(self) -> int:
         return self.units * self.fan_in
 
     def members(self) -> list[tuple[str, tuple[int, ...], torch.Tensor | None]]:
-        """(parameter, its shape, rows of units 0..units-1 or None for rows 0..units-1) of every member."""
-        own = [(p, self.weight_shape if p == self.weight else (self.units,), None) for p in self.params]
-        return own + [(m.param, m.shape, torch.tensor(m.rows, dtype=torch.long)) for m in self.coupled]
+        """(parameter, its shape, rows) of every member: rows is None for rows 0..units-1 of the layer's own
+        parameters, (units,) row indices of a coupled member, or (units, blocks) when ``blocks`` > 1."""
+        n = self.weight_shape[0]
+        if self.blocks == 1:
+            own = [(p, self.weight_shape if p == self.weight else (n,), None) for p in self.params]
+            return own + [(m.param, m.shape, torch.tensor(m.rows, dtype=torch.long)) for m in self.coupled]
+        mine = torch.arange(n).view(self.blocks, self.units).T.contiguous()
+        own = [(p, self.weight_shape if p == self.weight else (n,), mine) for p in self.params]
+        return own + [(m.param, m.shape, torch.tensor(m.rows, dtype=torch.long).view(self.units, self.blocks))
+                      for m in self.coupled]
 
 
 def group_parameters(model: nn.Module, groups: Sequence[UnitLayer]) -> dict[str, nn.Parameter]:
@@ -169,15 +190,19 @@ class UnitAnalysis:
     groups: tuple[UnitLayer, ...]
     excluded: Mapping[str, tuple[Exclusion, str]]
 
-    def explain(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> list[str]:
-        """One line per layer that cannot lose units: ``"name: kind (detail)"``, layers at their
-        minimum (``min_units`` / ``layer_floor``) included."""
-        lines = [f"{n}: {k.value} ({d})" for n, (k, d) in self.excluded.items()]
+    def reasons(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> dict[str, str]:
+        """``{layer: "kind (detail)"}`` for every layer that cannot lose units, layers at their minimum
+        (``min_units`` / ``layer_floor``) included; e.g. ``{"fc": "output layer (its outputs are model outputs)"}``."""
+        out = {n: f"{k.value} ({d})" for n, (k, d) in self.excluded.items()}
         for g in self.groups:
             floor = unit_floor(g.units, layer_floor, min_units)
             if floor >= g.units:
-                lines += [f"{n}: {Exclusion.MINIMUM.value} ({g.units} units, keeps at least {floor})" for n in g.layers]
-        return lines
+                out.update({n: f"{Exclusion.MINIMUM.value} ({g.units} units, keeps at least {floor})" for n in g.layers})
+        return out
+
+    def explain(self, min_units: int = DEFAULT_MIN_UNITS, layer_floor: float = 0.0) -> list[str]:
+        """One line per layer that cannot lose units: ``"name: kind (detail)"`` (see :meth:`reasons`)."""
+        return [f"{n}: {r}" for n, r in self.reasons(min_units, layer_floor).items()]
 
 
 class _Excluded(Exception):
@@ -235,26 +260,62 @@ _VIEW_OPS = ("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "Sque
 
 
 def _layer_problem(m: nn.Module, name: str, in_dims: Mapping[str, int]) -> str | None:
-    """Why the channels of this Conv/Linear layer cannot be removed one by one, or None."""
-    if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
-        return f"grouped convolution {name!r} (groups={m.groups})"
+    """Why the channels of this Conv/Linear layer cannot be removed at all, or None."""
     if isinstance(m, nn.Linear) and in_dims.get(name, 2) != 2:
         return f"Linear {name!r} on a {in_dims[name]}-D input (only (N, features) inputs are compacted)"
     return None
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution whose channels are not one per group (not depthwise)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+
+
+def _channel_blocks(items: Sequence[Any], channels: int, names: Mapping[Any, str], dg: tp.DependencyGraph) -> int:
+    """Channels per unit: the least common multiple of the ``groups`` of the grouped convs that produce or
+    read the group's channels (1 when there are none)."""
+    blocks = 1
+    for it in items:
+        m = it.dep.target.module
+        if _is_grouped(m):
+            blocks = math.lcm(blocks, m.groups)
+    if channels % blocks:
+        name = next(names[it.dep.target.module] for it in items if _is_grouped(it.dep.target.module))
+        raise _Excluded(Exclusion.UNSUPPORTED, f"grouped convolution {name!r}: its groups do not divide the "
+                                               f"{channels} channels tied to it")
+    return blocks
+
+
+def _check_grouped(m: nn.Conv2d, name: str, unit_idxs: Sequence[Sequence[int]], out: bool) -> None:
+    """Raise :class:`_Excluded` unless removing any set of units keeps ``m``'s groups equal: every unit takes
+    as many of ``m``'s output channels (``out``) from every group, or, of its input channels, the same
+    positions in every group."""
+    n = m.out_channels if out else m.in_channels
+    size = n // m.groups
+    for idxs in unit_idxs:
+        per_group: dict[int, list[int]] = {}
+        for c in idxs:
+            per_group.setdefault(c // size, []).append(c % size)
+        positions = [sorted(v) for v in per_group.values()]
+        if len(per_group) != m.groups or any(len(v) != len(positions[0]) for v in positions) or (
+                not out and any(v != positions[0] for v in positions)):
+            what = "as many output channels" if out else "the same input channels"
+            raise _Excluded(Exclusion.UNSUPPORTED, f"grouped convolution {name!r} (groups={m.groups}): a unit "
+                                                   f"does not take {what} from each group")
 
 
 def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, str], at_output: set[str],
                    in_dims: Mapping[str, int]) -> tuple[UnitLayer, list[str], list[str]]:
     """The unit group rooted at ``root`` and the Conv/Linear layers whose outputs it covers; raises
     :class:`_Excluded` (with those layers in ``layers``) when its units cannot be removed exactly."""
-    units = root.weight.shape[0]
+    channels = root.weight.shape[0]
     problem = _layer_problem(root, names[root], in_dims)
     if problem is not None:
         raise _excluded_with(Exclusion.UNSUPPORTED, problem, [names[root]])
     try:
         with torch.enable_grad():
             items = list(dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
-                                              list(range(units))).items)
+                                              list(range(channels))).items)
     except Exception as e:  # the graph library's index mapping (e.g. a channel shuffle)
         err = _Excluded(Exclusion.UNSUPPORTED, f"the channel graph library fails on it ({type(e).__name__})")
         err.layers = [names[root]]
@@ -267,6 +328,8 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
     producers = list(dict.fromkeys(producers))
     root_name = names[root]
     try:
+        blocks = _channel_blocks(items, channels, names, dg)
+        units = channels // blocks
         own, coupled, readers, bn_taken, nonzero_ops = [f"{root_name}.weight"], [], [], False, []
         if root.bias is not None:
             own.append(f"{root_name}.bias")
@@ -274,6 +337,13 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
         for it in items:
             m, out = it.dep.target.module, dg.is_out_channel_pruning_fn(it.dep.handler)
             idxs, roots = list(it.idxs), list(it.root_idxs)
+            if blocks > 1:  # the channels of unit i: i, i + units, ... of the root, as this item numbers them
+                to_item = dict(zip(roots, idxs))
+                if set(to_item) != set(range(channels)) and isinstance(m, (*PRUNABLE_TYPES, *BATCH_NORM_TYPES)):
+                    raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
+                unit_idxs = [[to_item[i + j * units] for j in range(blocks)] for i in range(units)]
+                if _is_grouped(m):
+                    _check_grouped(m, names[m], unit_idxs, out)
             if m is root:
                 continue
             if isinstance(m, PRUNABLE_TYPES):
@@ -289,15 +359,15 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
                     continue
                 members = [(f"{name}.weight", tuple(m.weight.shape))]
                 members += [(f"{name}.bias", tuple(m.bias.shape))] if m.bias is not None else []
-                if sorted(idxs) != list(range(units)) or m.weight.shape[0] != units:
+                if sorted(idxs) != list(range(channels)) or m.weight.shape[0] != channels:
                     raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
             elif isinstance(m, BATCH_NORM_TYPES):
                 if not out or not m.affine:
                     raise _Excluded(Exclusion.UNSUPPORTED, f"BatchNorm {names[m]!r} without scale and shift")
-                if len(idxs) != units or len(set(idxs)) != units or max(idxs) >= m.num_features:
+                if len(idxs) != channels or len(set(idxs)) != channels or max(idxs) >= m.num_features:
                     raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
                 members = [(f"{names[m]}.weight", (m.num_features,)), (f"{names[m]}.bias", (m.num_features,))]
-                if not bn_taken and m.num_features == units and idxs == roots == list(range(units)):
+                if not bn_taken and m.num_features == channels and idxs == roots == list(range(channels)):
                     bn_taken = True
                     own += [p for p, _ in members]
                     seen.update(own)
@@ -307,11 +377,14 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
                 if op is not None:
                     nonzero_ops.append(op)
                 continue
-            rows = tuple(int(i) for _, i in sorted(zip(roots, idxs)))
+            if blocks == 1:
+                rows = tuple(int(i) for _, i in sorted(zip(roots, idxs)))
+            else:
+                rows = tuple(int(c) for unit in unit_idxs for c in unit)
             for p, shape in members:
                 if p not in seen:
                     seen.add(p)
-                    coupled.append(UnitMember(p, shape, rows))
+                    coupled.append(UnitMember(p, shape, rows, blocks))
         tied = [p for p in producers if p in at_output]
         if tied:
             raise _Excluded(Exclusion.OUTPUT, f"{tied[0]!r} feeds a model output" if tied[0] != root_name
@@ -323,7 +396,7 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
         raise
     return (UnitLayer(layer=root_name, params=tuple(own), weight_shape=tuple(root.weight.shape),
                       readers=tuple(dict.fromkeys(readers)), coupled=tuple(coupled),
-                      producers=tuple(p for p in producers if p != root_name)), producers,
+                      producers=tuple(p for p in producers if p != root_name), blocks=blocks), producers,
             list(dict.fromkeys(nonzero_ops)))
 
 
@@ -335,7 +408,7 @@ def _probe_dead(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence
     with torch.no_grad():
         for g in groups:
             for p, _, rows in g.members():
-                params[p].view(params[p].shape[0], -1)[0 if rows is None else int(rows[0])] = 0
+                params[p].view(params[p].shape[0], -1)[0 if rows is None else rows[0]] = 0
     dead = find_dead_units(scratch, example_inputs)
     return [all(bool(dead[n][0]) for n in g.layers) for g in groups]
 
@@ -361,10 +434,13 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
     A unit is a channel index together with every layer tied to it (from Torch-Pruning's dependency
     graph): the convs, linears and BatchNorms on both sides of a residual sum, the slices of a
     concatenation (and the BatchNorms that normalize them), a depthwise conv's input and output
-    channel. A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they feed a model
+    channel. Where a grouped conv (``groups`` = g) produces or reads the channels, a unit is the same
+    position in each of its g groups (:attr:`UnitLayer.blocks` channels), so the conv keeps equal groups.
+    A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they feed a model
     output, a sum with the network input, when a layer or op on the way is one whose channels cannot
-    be removed alone (a grouped conv, a norm across channels, a non-affine BatchNorm, a reshape
-    of the channels, a layer called twice), when nothing reads them, or when the user keeps them.
+    be removed alone (a norm across channels, a non-affine BatchNorm, a reshape of the channels, a
+    grouped conv whose groups the channels do not split into evenly, a layer called twice), when
+    nothing reads them, or when the user keeps them.
 
     Example:
         >>> from obdprune.models.cnn import resnet20
@@ -477,7 +553,8 @@ def removed_units(group: UnitLayer, current: MaskSet | None) -> torch.Tensor:
     """(units,) bool: units whose incoming weights ``current`` prunes entirely."""
     if current is None or group.weight not in current.masks:
         return torch.zeros(group.units, dtype=torch.bool)
-    return ~current[group.weight].reshape(group.units, -1).any(dim=1).cpu()
+    alive = current[group.weight].reshape(group.weight_shape[0], -1).any(dim=1).cpu()
+    return ~alive.view(group.blocks, group.units).any(dim=0)
 
 
 def max_unit_sparsity(groups: Sequence[UnitLayer], total_weights: int, layer_floor: float,

@@ -46,7 +46,7 @@ from obdprune.selection import Budget, Selector, make_selector
 from obdprune.train import TrainConfig, evaluate, train
 
 __all__ = ["Method", "Budget", "PruneConfig", "PrunePoint", "sparsity_path", "prune_model", "measured_sparsity",
-           "FineTune", "round_curvature", "sparsity_targets"]
+           "FineTune", "round_curvature", "sparsity_targets", "beyond_limit"]
 
 FineTune = Callable[[nn.Module, int], Any]
 """A user's training phase: ``fine_tune(model, epochs)`` trains ``model`` in place for ``epochs`` epochs."""
@@ -254,16 +254,22 @@ class _Plan:
     last_target: float
 
 
+def beyond_limit(selector: Selector, cfg: PruneConfig, target: float, limit: float) -> UsageError:
+    """The error for a ``target`` above the selector's ``limit``, listing every layer that cannot lose units
+    and why (:meth:`Selector.explain`)."""
+    why = selector.explain()
+    return UsageError(f"target sparsity {target} would empty a layer: with a layer floor of "
+                      f"{cfg.layer_floor}, min units {cfg.min_units} and {cfg.scope.value} scope at most "
+                      f"{limit:.4f} of the {selector.counted} can go"
+                      + ("; layers that cannot lose units:\n  " + "\n  ".join(why) if why else ""))
+
+
 def _plan(selector: Selector, model: nn.Module, cfg: PruneConfig, targets: list[float],
           max_drop: float | None) -> _Plan:
     limit = selector.limit(model)
     too_far = [t for t in targets if t > limit]
     if too_far:
-        why = selector.explain()
-        raise UsageError(f"target sparsity {max(too_far)} would empty a layer: with a layer floor of "
-                         f"{cfg.layer_floor}, min units {cfg.min_units} and {cfg.scope.value} scope at most "
-                         f"{limit:.4f} of the {selector.counted} can go"
-                         + ("; layers that cannot lose units:\n  " + "\n  ".join(why) if why else ""))
+        raise beyond_limit(selector, cfg, max(too_far), limit)
     path = sparsity_path(targets, cfg.prune_step,
                          max_sparsity=min(cfg.max_sparsity, limit) if max_drop is not None else None)
     return _Plan(path, {round(t, 12) for t in targets}, max(targets) if targets else 0.0)

@@ -109,8 +109,9 @@ def _group_rows(model: nn.Module, g: UnitLayer) -> list[tuple[torch.Tensor, torc
 
 
 def _unit_rows(view: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """(units, entries): the unit rows of a member view (a copy for coupled members)."""
-    return view if rows is None else view[rows.to(view.device)]
+    """(units, entries): the unit rows of a member view (a copy for coupled members; a unit's rows in every
+    channel group side by side when ``rows`` is (units, blocks))."""
+    return view if rows is None else view[rows.to(view.device)].reshape(rows.shape[0], -1)
 
 
 class _GroupLasso(Regularizer):
@@ -160,7 +161,7 @@ class GroupLassoProximal(_GroupLasso):
                 r.mul_(factor.to(r.dtype).unsqueeze(1))
                 r.masked_fill_(factor.unsqueeze(1).expand_as(r) == 0, 0.0)  # +0.0, not -0.0
                 if rows is not None:
-                    v[rows.to(v.device)] = r
+                    v[rows.to(v.device)] = r.view(*rows.shape, -1)
 
 
 SPARSE_REGULARIZERS = ("l1", "group-lasso")

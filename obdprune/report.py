@@ -54,6 +54,9 @@ def render_report(summary: dict[str, Any]) -> str:
             f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× |{mac_cell} "
             f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
             f"{r.get('curvature_seconds', 0.0):.1f} |")
+    excluded = summary.get("excluded_layers")
+    if excluded:
+        lines += ["", "## Layers that keep all their units", ""] + [f"- `{n}`: {why}" for n, why in excluded.items()]
     extra = summary.get("speed_table")
     if extra:
         lines += ["", "## Size and speed (compacted models; ratios to dense)", "", extra]

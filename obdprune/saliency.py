@@ -80,6 +80,8 @@ def group_saliency(element_scores: Mapping[str, torch.Tensor], groups: Sequence[
                 if tuple(s.shape) != tuple(shape):
                     raise ValueError(f"scores of {p!r} have shape {tuple(s.shape)}, expected {tuple(shape)}")
                 row = s.reshape(shape[0], -1).sum(dim=1)[rows.to(s.device)]
+                if row.dim() > 1:  # (units, blocks): a unit's rows in every channel group
+                    row = row.sum(dim=1)
             total = row if total is None else total + row.to(total.device)
         out[g.layer] = total
     return out

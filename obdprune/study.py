@@ -17,6 +17,7 @@ from obdprune.checkpoint import RoundStore, StudyState
 from obdprune.data import Dataset, load_dataset
 from obdprune.distributed import barrier, broadcast_object, current
 from obdprune.errors import DataError, ModelFileError, UsageError
+from obdprune.groups import Granularity, unit_analysis
 from obdprune.measure import measured_sparsity
 from obdprune.methods import Method, PruneConfig, PrunePoint, prune_model
 from obdprune.models import build_model, model_spec, rebuild_model
@@ -245,6 +246,10 @@ def run_compare(
         "distributed": world.to_dict(train_cfg.batch_size),
         "results": [],
     }
+    if prune_cfg.granularity is Granularity.CHANNEL:  # every method of the study shares these
+        x = data.train.x[:1].to(next(dense_model.parameters()).device)
+        summary["excluded_layers"] = unit_analysis(dense_model, x, keep=prune_cfg.keep).reasons(
+            prune_cfg.min_units, prune_cfg.layer_floor)
     for method in methods:
         cfg = replace(prune_cfg, method=method)
         stage = f"prune:{method}"

@@ -295,7 +295,8 @@ def test_depthwise_and_concat() -> None:
 
 
 def test_cases_torch_pruning_gets_wrong_are_left_alone() -> None:
-    """Grouped convs, additions with the model input, model outputs: nothing removed, same outputs."""
+    """Additions with the model input, model outputs, a channel of one group of a grouped conv's input
+    (Torch-Pruning would slice the conv wrongly): nothing removed, same outputs."""
 
     class Odd(nn.Module):
         def __init__(self) -> None:
@@ -323,6 +324,39 @@ def test_cases_torch_pruning_gets_wrong_are_left_alone() -> None:
     c = compact(m, x)
     assert count_units(c) == count_units(m)
     assert_parity(m, c, x)
+
+
+def test_grouped_conv_loses_channels_evenly_from_every_group() -> None:
+    """A grouped conv is rebuilt with fewer channels per group: of its inputs, positions dead in every
+    group go; of its outputs, as many dead channels from each group (the rest stay)."""
+
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.g = nn.Conv2d(8, 12, 3, padding=1, groups=2)  # 4 inputs, 6 outputs per group
+            self.bn = nn.BatchNorm2d(12)
+            self.head = nn.Conv2d(12, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.bn(self.g(F.relu(self.a(x))))))
+
+    torch.manual_seed(9)
+    m = Grouped()
+    randomize_bn(m)
+    with torch.no_grad():
+        for c in (1, 5, 2):  # position 1 of both input groups; position 2 of the first only
+            m.a.weight[c], m.a.bias[c] = 0, 0
+        for c in (0, 2, 9):  # two outputs of the first group, one of the second
+            m.g.weight[c], m.g.bias[c], m.bn.weight[c], m.bn.bias[c] = 0, 0, 0, 0
+    x = torch.randn(2, 3, 6, 6)
+    assert dead_idx(m, x) == {"a": [1, 5], "g": [0, 9], "head": []}
+    c = compact(m, x)
+    assert (c.a.out_channels, c.g.in_channels, c.g.out_channels, c.g.groups, c.bn.num_features) == (6, 6, 10, 2, 10)
+    assert c.g.weight.shape == (10, 3, 3, 3)
+    assert torch.equal(c.g.weight[:5], m.g.weight[[1, 2, 3, 4, 5]][:, [0, 2, 3]])  # group 0: inputs 0, 2, 3
+    assert torch.equal(c.g.weight[5:], m.g.weight[[6, 7, 8, 10, 11]][:, [0, 2, 3]])  # group 1: inputs 4, 6, 7
+    assert_parity(m, c, x, torch.randn(3, 3, 6, 6))
 
 
 def test_unsupported_ops_block_removal() -> None:

@@ -1,6 +1,7 @@
 """Coupled units: channels tied across layers (residual sums, depthwise convs, squeeze-excitation,
 concatenations) are pruned together, compaction removes them exactly, and the layers that cannot lose
 units say why."""
+import json
 import math
 
 import pytest
@@ -31,12 +32,11 @@ NETS["densenet-small"] = lambda: densenet_small((3, 8, 8), 5, growth=4, block_la
 
 # Layers that truly cannot lose units alone, and why (besides the classifier, an output layer everywhere).
 NOT_REMOVABLE = {
-    "grouped-conv": {n: "grouped convolution" for n in ("1.body.0.0", "1.body.1.0", "2.body.0.0", "2.body.1.0")},
     "channel-shuffle": {n: "channel shuffle" for n in ("0.0", "1.branch.3.0", "2.branch.3.0")},
     "layernorm-depthwise7": {n: "LayerNorm normalizes across channels" for n in ("0", "2.dw", "2.pw2", "3.dw", "3.pw2")},
 }
 # What the blocks that cannot be pruned through leave removable: less than half of the MACs.
-MAC_LIMIT_BELOW_HALF = {"grouped-conv", "channel-shuffle"}
+MAC_LIMIT_BELOW_HALF = {"channel-shuffle"}
 
 
 def _net(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -116,7 +116,8 @@ def test_half_the_macs_then_compaction_is_exact_and_keeps_the_minimum(name):
         assert all(count_units(small)[n] == count_units(small)[g.layer] for g in lost for n in g.layers)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small", "densenet-small", "squeeze-excitation"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small", "densenet-small", "squeeze-excitation",
+                                  "grouped-conv"])
 def test_compacted_coupled_models_export_to_onnx_with_parity(name, tmp_path):
     pytest.importorskip("onnxruntime")
     model, x = _net(name)
@@ -166,15 +167,33 @@ def test_keep_protects_a_layer_and_every_layer_tied_to_it():
         PruneConfig(granularity="channel", min_units=0)
 
 
-def test_group_lasso_proximal_step_on_a_coupled_group_matches_its_closed_form():
-    model, x = _net("projection-residual")
+def _rows_of(rows: torch.Tensor | None, i: int) -> list[int]:
+    """The rows of unit i in one member (one per channel group for a grouped conv's units)."""
+    return [i] if rows is None else rows[i].reshape(-1).tolist()
+
+
+def test_a_grouped_conv_unit_is_the_same_position_in_every_group():
+    model, x = _net("grouped-conv")  # width 8 in 2 groups of 4
+    groups = {g.layer: g for g in unit_analysis(model, x).groups}
+    expand, grouped = groups["1.body.0.0"], groups["1.body.1.0"]
+    for g, reader, row in ((expand, "1.body.1.0", 8), (grouped, "1.body.2", 4 * 9)):
+        assert (g.units, g.blocks, g.readers) == (4, 2, ((reader, 2),))  # a unit feeds 2 inputs of its reader
+        assert g.fan_in == 2 * row and g.group_size == 2 * (row + 2)  # two filters and their BatchNorm entries
+        for p, _, rows in g.members():
+            assert rows.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]], p
+    assert groups["0.0"].blocks == 1
+
+
+@pytest.mark.parametrize("name, layer", [("projection-residual", "1.conv2.0"), ("grouped-conv", "1.body.1.0")])
+def test_group_lasso_proximal_step_on_a_coupled_group_matches_its_closed_form(name, layer):
+    model, x = _net(name)
     model.double()
-    (g,) = [g for g in unit_analysis(model, x.double()).groups if g.layer == "1.conv2.0"]
+    (g,) = [g for g in unit_analysis(model, x.double()).groups if g.layer == layer]
     params = dict(model.named_parameters())
     members = g.members()
 
     def unit_vector(i: int) -> torch.Tensor:  # every entry of unit i, all members
-        return torch.cat([params[p].detach().reshape(params[p].shape[0], -1)[i if rows is None else rows[i]]
+        return torch.cat([params[p].detach().reshape(params[p].shape[0], -1)[_rows_of(rows, i)].reshape(-1)
                           for p, _, rows in members])
 
     before = [unit_vector(i) for i in range(g.units)]
@@ -192,13 +211,14 @@ def test_group_lasso_proximal_step_on_a_coupled_group_matches_its_closed_form():
     assert 0 < zeroed < g.units
     others = [p for p in params if p not in {m[0] for m in members}]
     assert others  # nothing outside the group moved (checked on a fresh copy)
-    fresh, _ = _net("projection-residual")
+    fresh, _ = _net(name)
     for p in others:
         assert torch.equal(params[p].detach(), dict(fresh.double().named_parameters())[p].detach())
 
 
-def test_unit_saliency_sums_half_h_w2_over_every_member_from_one_ggn_pass():
-    model, x = _net("inverted-residual")
+@pytest.mark.parametrize("name", ["inverted-residual", "grouped-conv"])
+def test_unit_saliency_sums_half_h_w2_over_every_member_from_one_ggn_pass(name):
+    model, x = _net(name)
     y = torch.arange(len(x)) % 5
     groups = unit_analysis(model, x).groups
     curv = estimate_curvature("ggn", model, x, y)
@@ -209,7 +229,7 @@ def test_unit_saliency_sums_half_h_w2_over_every_member_from_one_ggn_pass():
         for i in range(g.units):
             brute = 0.0
             for p, _, rows in g.members():
-                r = i if rows is None else int(rows[i])
+                r = _rows_of(rows, i)
                 w, h = params[p].detach()[r], curv[p][r]
                 brute += float((0.5 * h * w ** 2).sum())
             assert float(scores[g.layer][i]) == pytest.approx(brute, rel=1e-5, abs=1e-12)
@@ -230,3 +250,53 @@ def test_prune_front_door_prunes_every_coupled_layer_of_resnet20_by_macs():
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert all(after[n] >= min(4, before[n]) for n in before)
     assert sum(after[n] < before[n] for n in convs) >= len(convs) // 2  # the pruning reaches coupled convs
+
+
+def test_pruner_step_beyond_the_limit_lists_every_layer_that_keeps_its_units():
+    model, x = _net("channel-shuffle")
+    pruner = obdprune.Pruner(model, method="magnitude", granularity="channel", budget="macs", example_inputs=x[:2],
+                             min_units=2, layer_floor=0.0)
+    limit = pruner.selector.limit(model)
+    with pytest.raises(UsageError) as err:
+        pruner.step(round(limit + 0.1, 2))
+    text = str(err.value)
+    assert "would empty a layer" in text and "layers that cannot lose units:" in text
+    assert "\n  5: output layer (its outputs are model outputs)" in text
+    assert "\n  1.branch.3.0: unsupported op (a reshape of the channels" in text
+
+
+def test_compare_summary_and_report_list_the_layers_that_keep_their_units(tmp_path):
+    from obdprune.cli import main
+
+    out = tmp_path / "study"  # lenet5 on 8x8 digits: conv 0 (6 filters), conv 3 (16), fc 7, fc 9, fc 11 (classes)
+    assert main(["compare", "--dataset", "digits", "--model", "lenet5", "--epochs", "0", "--granularity", "channel",
+                 "--methods", "magnitude", "--sparsity", "0.3", "--finetune-epochs", "0", "--reg-epochs", "0",
+                 "--min-units", "8", "--keep", "3", "--no-measure", "--no-progress", "--out", str(out)]) == 0
+    expected = {"3": "protected by the user (keep '3')", "11": "output layer (its outputs are model outputs)",
+                "0": "at its minimum (6 units, keeps at least 6)"}
+    assert json.loads((out / "summary.json").read_text())["excluded_layers"] == expected
+    report = (out / "report.md").read_text()
+    listed = report.split("## Layers that keep all their units\n\n")[1].split("\n\n")[0].splitlines()
+    assert listed == [f"- `{n}`: {why}" for n, why in expected.items()]
+
+
+class _GroupsReadDifferentLayers(nn.Module):
+    """A grouped conv whose first group reads one conv and second group another (through a concatenation):
+    neither conv's channels can go without emptying one group more than the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.g(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))))
+
+
+def test_a_grouped_conv_whose_groups_read_different_layers_keeps_them_and_says_why():
+    torch.manual_seed(0)
+    analysis = unit_analysis(_GroupsReadDifferentLayers(), torch.randn(2, 3, 8, 8))
+    why = "grouped convolution 'g' (groups=2): a unit does not take the same input channels from each group"
+    assert analysis.excluded["a"] == analysis.excluded["b"] == (Exclusion.UNSUPPORTED, why)
+    assert [(g.layer, g.blocks) for g in analysis.groups] == [("g", 2)]
