@@ -194,7 +194,7 @@ def test_cli_sigterm_to_torchrun_stops_every_rank_with_finished_rounds_kept(dens
     _, err = proc.communicate(timeout=60)
     assert proc.returncode not in (0, None), err
     assert time.monotonic() - t0 < 60
-    assert "Traceback" not in err.split("torch.distributed.elastic")[0], err[-3000:]
+    assert "obdprune: interrupted by SIGTERM" in err or "obdprune: error:" in err, err[-3000:]  # a rank's one line
     assert not out.exists()  # nothing published
     assert any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir())  # the work folder with its rounds
     time.sleep(1)
