@@ -350,6 +350,7 @@ def test_own_training_options_refuse_a_users_fine_tune(tiny):
                        dense_train=dense_cfg, fine_tune=lambda m, e: None, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*no pruning round kept:RuntimeWarning")  # tiny data: the dense model holds
 def test_cli_compare_gradual_with_the_recipe_records_budget_and_lambda(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lambda_search, "AUTO_L1_STRENGTHS", (4.0, 64.0))
     out = tmp_path / "cmp"
@@ -372,3 +373,22 @@ def test_cli_compare_gradual_with_the_recipe_records_budget_and_lambda(tmp_path,
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("obdprune: error: update='obs'") and err.count("\n") == 1
+
+
+def test_auto_lambda_is_searched_once_and_read_back_on_resume(tiny, tmp_path, monkeypatch):
+    from obdprune.checkpoint import StudyState
+
+    data, dense, _ = tiny
+    monkeypatch.setattr(lambda_search, "AUTO_L1_STRENGTHS", (4.0, 64.0))
+    store = StudyState(tmp_path, "prune", {}).rounds("prune:l1")
+    cfg = _cfg("l1", l1_lambda="auto")
+    (first,) = prune_model(dense, data, cfg, targets=[0.5], progress=False, checkpoint=store)
+    assert first.l1_lambda in {lambda_from_strength(r, dense) for r in (4.0, 64.0)}
+
+    def no_search(*a, **kw):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(methods_mod, "search_l1_lambda", no_search)
+    (again,) = prune_model(dense, data, cfg, targets=[0.5], progress=False, checkpoint=store)
+    assert again.l1_lambda == first.l1_lambda and again.l1_search == first.l1_search
+    assert torch.equal(again.state_dict["1.weight"], first.state_dict["1.weight"])
