@@ -18,14 +18,14 @@ from torch import nn
 from obdprune.batches import as_batches
 from obdprune.compact import compact as compact_model
 from obdprune.constraints import StepConstraints, StepHandle
-from obdprune.distributed import check_same_masks, current, shard
+from obdprune.distributed import current, shard
 from obdprune.errors import UsageError
 from obdprune.masking import MaskSet
-from obdprune.methods import (FineTune, Method, PruneConfig, PrunePoint, beyond_limit, measured_sparsity,
-                              prune_model, round_curvature, sparsity_targets)
+from obdprune.methods import (PRUNE_LOOP, FineTune, Method, PruneConfig, PrunePoint, beyond_limit,
+                              measured_sparsity, prune_model, prune_step, sparsity_targets)
 from obdprune.regularize import NoRegularizer
 from obdprune.selection import make_selector
-from obdprune.train import evaluate
+from obdprune.train import TrainConfig, evaluate
 
 __all__ = ["prune", "PruneResult", "Pruner"]
 
@@ -114,6 +114,7 @@ def prune(
     fine_tune: FineTune | None = None,
     test: Any = None,
     progress: bool = True,
+    dense_train: TrainConfig | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` (left unchanged) with the paper's iterative pipeline and return a :class:`PruneResult`.
@@ -129,7 +130,10 @@ def prune(
       instead of obdprune's loop; inside it, every optimizer step on the model keeps pruned weights at
       exactly zero and applies the L1 proximal step, whatever optimizer it creates.
     options: any :class:`~obdprune.methods.PruneConfig` field (``prune_step``, ``reg_epochs``, ``l1_lambda``,
-      ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop.
+      ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop;
+      the recovery recipe (``prune_schedule="gradual"`` with ``total_epochs``, ``lr_rewind``, ``distill=(T, α)``,
+      ``criterion="obs"``, ``update="obs"``, ``l1_lambda="auto"``, ``max_drop_rule``) is off unless asked for.
+    dense_train: the TrainConfig the dense model was trained with; ``lr_rewind=True`` replays its learning rates.
 
     Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)
     every rank calls ``prune`` with the same arguments; ``batch_size`` is the global batch, in-memory data
@@ -157,7 +161,7 @@ def prune(
     rounds: list[dict] = []
     points = prune_model(model, data, cfg, targets=targets, max_drop=max_drop, dense_val_accuracy=dense_val,
                          device=device, progress=progress, on_round=rounds.append, fine_tune=fine_tune,
-                         example_inputs=example, world=world)
+                         example_inputs=example, world=world, dense_train=dense_train)
     chosen = points[-1] if max_drop is not None else max(points, key=lambda p: p.target_sparsity or 0.0)
     pruned = copy.deepcopy(model)
     pruned.load_state_dict(chosen.state_dict)
@@ -183,6 +187,10 @@ class Pruner:
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.config = _config(method, granularity, budget, dict(options))
+        loop_only = self.config.recipe_set(PRUNE_LOOP)
+        if loop_only:
+            raise UsageError(f"{', '.join(loop_only)}: options of obdprune.prune's own loop; a Pruner steps inside "
+                             f"yours and does not apply them (criterion and update do apply)")
         if example_inputs is None and self.config.granularity.value != "element":
             raise UsageError("channel granularity traces the model: pass example_inputs, e.g. one input batch x[:2]")
         self.example_inputs = example_inputs
@@ -207,8 +215,9 @@ class Pruner:
         return self._constraints.attach(optimizer)
 
     def step(self, sparsity: float, data: Any = None) -> MaskSet:
-        """Score (OBD on curvature from ``data`` for ``obd``/``hybrid``, magnitude otherwise), select masks
-        reaching ``sparsity`` (masks only shrink), apply them to the model and the attached optimizers.
+        """Score (by the method's criterion, or ``criterion``: OBD on curvature from ``data``, OBS on layer inputs
+        from ``data``, else magnitude), select masks reaching ``sparsity`` (masks only shrink), apply them to the
+        model (with ``update="obs"`` correcting the weights left) and to the attached optimizers.
 
         Under torchrun every rank calls ``step`` alike: in-memory ``data`` is sharded, the curvature is
         all-reduced, and the masks are checked equal on every rank."""
@@ -217,16 +226,11 @@ class Pruner:
         limit = self.selector.limit(model)
         if target > limit:
             raise beyond_limit(self.selector, cfg, target, limit)
-        curv, world = None, current()
-        if cfg.method.second_order:
-            if data is None:
-                raise UsageError(f"{cfg.method.value} ranks by curvature: pass data=, a DataLoader or (inputs, targets)")
-            x, y = shard(as_batches(data, "data"), world).sample(cfg.curvature_samples, self._generator)
-            curv, _ = round_curvature(model, cfg, x, y, _device_of(model), self._generator, world)
-        scores = self.selector.scores(model, curv, cfg.negative_curvature)
-        self.masks = self.selector.select(scores, target, self.masks, model)
-        check_same_masks(world, self.masks, f"Pruner.step({target})")
-        self.masks.apply(model)
+        world = current()
+        batches = shard(as_batches(data, "data"), world) if data is not None else None
+        self.masks, _ = prune_step(model, cfg, self.selector, self.masks, target, batches,
+                                   samples=cfg.curvature_samples, generator=self._generator, device=_device_of(model),
+                                   world=world, what=f"Pruner.step({target})")
         for opt in self._optimizers:
             self.masks.zero_optimizer_state(opt, model)
         return self.masks

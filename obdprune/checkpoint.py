@@ -93,6 +93,7 @@ class RoundState:
     stop: bool
     curvature_seconds: float
     seconds: float
+    l1_search: dict | None = None
 
 
 def _put(tensors: dict[str, torch.Tensor], prefix: str, state: dict[str, torch.Tensor], masks: MaskSet) -> None:
@@ -137,7 +138,8 @@ class RoundStore:
                 results=[result(f"result{i}", d) for i, d in enumerate(meta["results"])],
                 held=result("held", meta["held"]) if meta["held"] is not None else None,
                 failed=bool(meta["failed"]), stop=bool(meta["stop"]),
-                curvature_seconds=float(meta["curvature_seconds"]), seconds=float(meta["seconds"]))
+                curvature_seconds=float(meta["curvature_seconds"]), seconds=float(meta["seconds"]),
+                l1_search=meta.get("l1_search"))
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{path}: unreadable round snapshot ({e}); delete {self.state.folder} to start "
                                  f"over") from None
@@ -153,7 +155,7 @@ class RoundStore:
         meta = {"round": st.round, "failed": st.failed, "stop": st.stop,
                 "curvature_seconds": st.curvature_seconds, "seconds": st.seconds,
                 "results": [r.to_dict() for r in st.results],
-                "held": st.held.to_dict() if st.held is not None else None}
+                "held": st.held.to_dict() if st.held is not None else None, "l1_search": st.l1_search}
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
         name = f"{CHECKPOINTS}/{slug}-r{st.round:04d}.safetensors"
         atomic_write(self.state.folder / name, lambda tmp: save_file(

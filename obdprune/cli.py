@@ -56,6 +56,11 @@ _threads_count = _number(int, lambda v: 1 <= v <= 1024, "in [1, 1024]", "an inte
 _unit_interval = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
 
 
+def _l1_lambda(text: str) -> float | str:
+    """``auto`` or a number >= 0."""
+    return "auto" if text.strip().lower() == "auto" else _nonneg_float(text)
+
+
 def _add_common(p: argparse.ArgumentParser, *, lr: float | None = None) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="seed for initialization, shuffling and sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -118,8 +123,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
-    p.add_argument("--l1-lambda", type=_nonneg_float, default=None,
-                   help="L1 strength λ (group lasso for channel); default 2e-3 for element, 3e-4 for channel")
+    p.add_argument("--l1-lambda", type=_l1_lambda, default=None,
+                   help="L1 strength λ (group lasso for channel); default 2e-3 for element, 3e-4 for channel; auto: "
+                        "λ = ρ/(number of Conv/Linear weights), ρ chosen on the validation split (README)")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="ggn",
                    help=f"one of: {', '.join(c.value for c in CurvatureKind)} (exact GGN diagonal, its Monte Carlo "
@@ -131,6 +137,27 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="MC label draws per image (default 1) or Hutchinson probes (default 100)")
     p.add_argument("--negative-curvature", default="clamp", help="clamp, abs or keep (for Hessian estimates)")
     p.add_argument("--max-sparsity", type=_fraction_open, default=0.99, help="how far --max-drop searches")
+    p.add_argument("--max-drop-rule", default="first-failure",
+                   help="first-failure (stop at the first round below dense - PP) or forgive-one (go on past one "
+                        "round that misses by at most one standard error of its validation accuracy)")
+    recipe = p.add_argument_group("recovery recipe (all off by default; see README)")
+    recipe.add_argument("--prune-schedule", default="rounds",
+                        help="rounds (prune -> fine-tune) or gradual (cubic sparsity ramp inside one run of "
+                             "--total-epochs; --schedule is the learning-rate schedule of dense training)")
+    recipe.add_argument("--total-epochs", type=_positive_int, default=None,
+                        help="with --prune-schedule gradual: epochs of the one run (--reg-epochs before the ramp, "
+                             "--finetune-epochs after it), the same for every method")
+    recipe.add_argument("--prune-every", type=_positive_int, default=100, metavar="STEPS",
+                        help="with --prune-schedule gradual: optimizer steps between pruning steps")
+    recipe.add_argument("--lr-rewind", action="store_true",
+                        help="training phases replay the learning rates of the dense run's last epochs")
+    recipe.add_argument("--distill", type=_nonneg_float, nargs=2, default=None, metavar=("T", "ALPHA"),
+                        help="distill from the dense model: (1-ALPHA)·CE + ALPHA·T²·KL at temperature T")
+    recipe.add_argument("--criterion", default=None,
+                        help="what ranks weights: magnitude, obd or obs (default: the method's own)")
+    recipe.add_argument("--update", default="none",
+                        help="none or obs: layer-wise OBS corrects the weights left in each row (element granularity)")
+    recipe.add_argument("--obs-damp", type=_nonneg_float, default=0.01, help="OBS dampening: H + d·mean(diag H)·I")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +304,11 @@ def _prune_cfg(args, method: str):
                        curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,
                        granularity=args.granularity, budget=args.budget,
-                       channel_multiple=args.channel_multiple, min_units=args.min_units, keep=tuple(args.keep))
+                       channel_multiple=args.channel_multiple, min_units=args.min_units, keep=tuple(args.keep),
+                       prune_schedule=args.prune_schedule, total_epochs=args.total_epochs, prune_every=args.prune_every,
+                       lr_rewind=args.lr_rewind, distill=tuple(args.distill) if args.distill else None,
+                       criterion=args.criterion, update=args.update, obs_damp=args.obs_damp,
+                       max_drop_rule=args.max_drop_rule)
 
 
 def _shared(make):

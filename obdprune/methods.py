@@ -38,15 +38,20 @@ from obdprune.curvature import CurvatureKind, NegativeCurvature, estimate_curvat
 from obdprune.distributed import World, all_reduce_mean, barrier, broadcast_object, check_same_masks, current, \
     shard, sync_module, wrap
 from obdprune.errors import ObdpruneError, UsageError
+from obdprune.gradual import plan_gradual
 from obdprune.groups import DEFAULT_MIN_UNITS, Granularity
-from obdprune.masking import MaskSet, Scope, masks_from_weights
+from obdprune.lambda_search import search_l1_lambda
+from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
 from obdprune.measure import measured_sparsity
+from obdprune.obs import DEFAULT_DAMP, dampen, layer_hessians, obs_prune, obs_saliency
+from obdprune.recipe import Criterion, PruneSchedule, Recovery, WeightUpdate, check_distill
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer
 from obdprune.selection import Budget, Selector, make_selector
+from obdprune.stopping import MaxDropRule, Verdict, judge, standard_error
 from obdprune.train import TrainConfig, evaluate, train
 
 __all__ = ["Method", "Budget", "PruneConfig", "PrunePoint", "sparsity_path", "prune_model", "measured_sparsity",
-           "FineTune", "round_curvature", "sparsity_targets", "beyond_limit"]
+           "FineTune", "round_curvature", "prune_step", "sparsity_targets", "beyond_limit", "AUTO"]
 
 FineTune = Callable[[nn.Module, int], Any]
 """A user's training phase: ``fine_tune(model, epochs)`` trains ``model`` in place for ``epochs`` epochs."""
@@ -74,14 +79,23 @@ class Method(Choice):
 DEFAULT_L1_LAMBDA = {Granularity.ELEMENT: 2e-3, Granularity.CHANNEL: 3e-4}
 
 _CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budget": Budget, "l1_mode": L1Mode,
-            "curvature": CurvatureKind, "negative_curvature": NegativeCurvature}
+            "curvature": CurvatureKind, "negative_curvature": NegativeCurvature, "prune_schedule": PruneSchedule,
+            "update": WeightUpdate, "max_drop_rule": MaxDropRule}
+AUTO = "auto"
+"""``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
+OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
+"""Options that need obdprune's training loop (not a user's ``fine_tune``)."""
+PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda")
+"""Options that only :func:`prune_model` applies (not a :class:`~obdprune.api.Pruner` in the user's loop)."""
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that defines a pruning run besides the data and the dense weights.
 
-    Options may be given as strings; they are parsed once here into their enums.
+    Options may be given as strings; they are parsed once here into their enums. The recovery recipe
+    (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
+    default; ``total_epochs`` and ``prune_every`` (optimizer steps) belong to ``prune_schedule="gradual"``.
 
     >>> PruneConfig(method="obd", granularity="channel").granularity
     <Granularity.CHANNEL: 'channel'>
@@ -93,7 +107,7 @@ class PruneConfig:
     prune_step: float = 0.6
     reg_epochs: int = 2
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.03, schedule="cosine"))
-    l1_lambda: float | None = None  # None: DEFAULT_L1_LAMBDA of the granularity
+    l1_lambda: float | str | None = None  # None: DEFAULT_L1_LAMBDA of the granularity; AUTO: searched
     l1_mode: L1Mode = L1Mode.PROXIMAL
     curvature: CurvatureKind = CurvatureKind.GGN
     curvature_samples: int = 1024
@@ -106,12 +120,32 @@ class PruneConfig:
     channel_multiple: int = 1
     min_units: int = DEFAULT_MIN_UNITS
     keep: tuple[str, ...] = ()
+    prune_schedule: PruneSchedule = PruneSchedule.ROUNDS
+    total_epochs: int | None = None
+    prune_every: int = 100
+    lr_rewind: bool = False
+    distill: tuple[float, float] | None = None
+    criterion: Criterion | None = None  # None: the method's own (OBD for obd/hybrid, else magnitude)
+    update: WeightUpdate = WeightUpdate.NONE
+    obs_damp: float = DEFAULT_DAMP
+    max_drop_rule: MaxDropRule = MaxDropRule.FIRST_FAILURE
 
     def __post_init__(self) -> None:
         for name, choice in _CHOICES.items():
             object.__setattr__(self, name, choice.parse(getattr(self, name)))
+        if self.criterion is not None:
+            object.__setattr__(self, "criterion", Criterion.parse(self.criterion))
+        if self.distill is not None:
+            object.__setattr__(self, "distill", check_distill(self.distill))
         if self.l1_lambda is None:
             object.__setattr__(self, "l1_lambda", DEFAULT_L1_LAMBDA[self.granularity])
+        if isinstance(self.l1_lambda, str):
+            text = self.l1_lambda.strip().lower()
+            try:
+                object.__setattr__(self, "l1_lambda", AUTO if text == AUTO else float(text))
+            except ValueError:
+                raise UsageError(f"L1 strength must be a number >= 0 or 'auto', got {self.l1_lambda!r}") from None
+        self._check_recipe()
         if self.budget is Budget.MACS:
             if self.granularity is not Granularity.CHANNEL:
                 raise UsageError("a MAC budget needs channel granularity (removing single weights saves no time)")
@@ -134,13 +168,53 @@ class PruneConfig:
             raise UsageError(f"curvature samples must be >= 1, got {self.curvature_samples}")
         if self.curvature_draws is not None and self.curvature_draws < 1:
             raise UsageError(f"curvature draws must be >= 1, got {self.curvature_draws}")
-        if not (self.l1_lambda >= 0 and math.isfinite(self.l1_lambda)):
+        if self.l1_lambda != AUTO and not (self.l1_lambda >= 0 and math.isfinite(self.l1_lambda)):
             raise UsageError(f"L1 strength must be a number >= 0, got {self.l1_lambda}")
+
+    def _check_recipe(self) -> None:
+        gradual = self.prune_schedule is PruneSchedule.GRADUAL
+        if gradual and self.total_epochs is None:
+            raise UsageError("the gradual schedule needs total_epochs, the training budget of its one run")
+        if not gradual and self.total_epochs is not None:
+            raise UsageError("total_epochs is the budget of prune_schedule='gradual'; rounds spend reg_epochs + "
+                             "the fine-tuning epochs of every round")
+        if self.total_epochs is not None and (isinstance(self.total_epochs, bool) or self.total_epochs < 1):
+            raise UsageError(f"total epochs must be an integer >= 1, got {self.total_epochs!r}")
+        if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every < 1:
+            raise UsageError(f"prune_every is a number of training steps >= 1, got {self.prune_every!r}")
+        if not isinstance(self.lr_rewind, bool):
+            raise UsageError(f"lr_rewind is True or False, got {self.lr_rewind!r}")
+        if not (self.obs_damp >= 0 and math.isfinite(self.obs_damp)):
+            raise UsageError(f"OBS dampening must be a number >= 0, got {self.obs_damp}")
+        obs = [f"{n}='obs'" for n in ("criterion", "update") if getattr(self, n) in (Criterion.OBS, WeightUpdate.OBS)]
+        if obs and self.granularity is not Granularity.ELEMENT:
+            raise UsageError(f"{' and '.join(obs)}: layer-wise OBS removes single weights and corrects the rest of "
+                             f"their row; it has no rule for whole units: use granularity='element', or leave "
+                             f"{'/'.join(n.split('=')[0] for n in obs)} at the default for channel granularity")
+
+    @property
+    def scoring(self) -> Criterion:
+        """The criterion that ranks weights: ``criterion``, else OBD for obd/hybrid and magnitude otherwise."""
+        if self.criterion is not None:
+            return self.criterion
+        return Criterion.OBD if self.method.second_order else Criterion.MAGNITUDE
+
+    def recipe_set(self, names: Sequence[str]) -> list[str]:
+        """Those of the recipe options ``names`` set away from their defaults (``l1_lambda``: when AUTO).
+
+        >>> PruneConfig(lr_rewind=True, l1_lambda="auto").recipe_set(PRUNE_LOOP)
+        ['lr_rewind', "l1_lambda='auto'"]
+        """
+        default = PruneConfig()
+        return [(f"{n}='auto'" if n == "l1_lambda" else n) for n in names
+                if (self.l1_lambda == AUTO if n == "l1_lambda" else getattr(self, n) != getattr(default, n))]
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d = {k: (v.value if isinstance(v, Choice) else v) for k, v in d.items()}
         d["finetune"] = self.finetune.to_dict()
+        if self.distill is not None:
+            d["distill"] = list(self.distill)
         return d
 
     @classmethod
@@ -160,7 +234,9 @@ def _check_fraction(what: str, value: float) -> None:
 class PrunePoint:
     """One point of a method's path: the model state at a target (or the max-drop choice).
 
-    ``test_accuracy`` is None when no test data was given.
+    ``test_accuracy`` is None when no test data was given. ``val_accuracy_se`` is the standard error
+    √(p(1−p)/n) of ``val_accuracy`` on the n validation images. With ``l1_lambda="auto"``, ``l1_lambda`` is
+    the chosen strength and ``l1_search`` the search (every candidate's validation accuracy, its cost).
     """
 
     method: str
@@ -175,12 +251,15 @@ class PrunePoint:
     target_sparsity: float | None = None
     max_drop: float | None = None
     macs_removed: float | None = None
+    val_accuracy_se: float | None = None
+    l1_lambda: float | None = None
+    l1_search: dict | None = None
     state_dict: dict | None = None
     masks: MaskSet | None = None
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("state_dict", "masks")}
-        for k in ("target_sparsity", "max_drop", "macs_removed"):
+        for k in ("target_sparsity", "max_drop", "macs_removed", "val_accuracy_se", "l1_lambda", "l1_search"):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -276,14 +355,17 @@ def _plan(selector: Selector, model: nn.Module, cfg: PruneConfig, targets: list[
 
 
 def _phase_runner(cfg: PruneConfig, train_data: Batches, fine_tune: FineTune | None, device: torch.device,
-                  progress: bool, world: World) -> Callable[..., None]:
-    """``run(model, epochs, seed, desc, masks, regularizer)``: obdprune's loop, or the user's ``fine_tune``
-    with masks and the proximal step enforced after every step of any optimizer it creates. Under torchrun
-    the user's ``fine_tune`` gets the model wrapped in DistributedDataParallel."""
+                  progress: bool, world: World, recovery: Recovery) -> Callable[..., None]:
+    """``run(model, epochs, seed, desc, masks, regularizer)``: obdprune's loop (with the ``recovery`` recipe's
+    loss and learning rates), or the user's ``fine_tune`` with masks and the proximal step enforced after
+    every step of any optimizer it creates. Under torchrun the user's ``fine_tune`` gets the model wrapped
+    in DistributedDataParallel."""
     if fine_tune is None:
+        steps = train_data.steps_per_epoch(cfg.finetune.batch_size)
+
         def run(model, epochs, seed, desc, masks, reg) -> None:
             train(model, train_data, replace(cfg.finetune, epochs=epochs, seed=seed), masks=masks, regularizer=reg,
-                  device=device, progress=progress, desc=desc, world=world)
+                  device=device, progress=progress, desc=desc, world=world, **recovery.train_kwargs(epochs, steps))
         return run
 
     def run_user(model, epochs, seed, desc, masks, reg) -> None:
@@ -324,6 +406,50 @@ def round_curvature(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, y: torc
     return curv, seconds
 
 
+def round_hessians(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, device: torch.device,
+                   world: World | None = None) -> dict[str, torch.Tensor]:
+    """Layer-wise OBS Hessians H = 2·X·Xᵀ/N of every Conv2d/Linear layer on inputs ``x`` (N, ...), dampened
+    by ``cfg.obs_damp`` (:func:`obdprune.obs.layer_hessians`). Under torchrun ``x`` is this rank's share and
+    the undampened means are all-reduced with the sample counts, so every rank gets the union's H."""
+    world = world or World()
+    rows = int(x.shape[0])
+    xs = x if rows or not world.distributed else x[:0].new_zeros((1, *x.shape[1:]))  # shapes only
+    hessians = all_reduce_mean(world, layer_hessians(model, xs.to(device), damp=0.0), rows)
+    return {name: dampen(h, cfg.obs_damp) for name, h in hessians.items()}
+
+
+def prune_step(model: nn.Module, cfg: PruneConfig, selector: Selector, masks: MaskSet, target: float,
+               data: Batches | None, *, samples: int, generator: torch.Generator, device: torch.device,
+               world: World, what: str) -> tuple[MaskSet, float]:
+    """One pruning step on ``model`` in place: score by ``cfg.scoring`` (magnitude; OBD on a fresh curvature
+    sample; or OBS's w²/[H⁻¹]_qq), select masks reaching ``target`` that only shrink ``masks``, and apply
+    them; with ``cfg.update == "obs"`` the weights left in each row are corrected (:func:`obdprune.obs.obs_prune`).
+    ``samples`` images are drawn from ``data`` (this rank's share under torchrun) for the curvature and the
+    layer Hessians; the masks are checked equal on every rank (``what`` names the step if not). Returns the
+    masks and the seconds spent on curvature and Hessians."""
+    scoring, seconds = cfg.scoring, 0.0
+    curv = hessians = None
+    if scoring is not Criterion.MAGNITUDE or cfg.update is WeightUpdate.OBS:
+        if data is None:
+            raise UsageError(f"{scoring.value} ranks by curvature or layer inputs: pass data=, a DataLoader or "
+                             f"(inputs, targets)")
+        x, y = data.sample(samples, generator)
+        if scoring is Criterion.OBD:
+            curv, seconds = round_curvature(model, cfg, x, y, device, generator, world)
+        if scoring is Criterion.OBS or cfg.update is WeightUpdate.OBS:
+            t0 = time.perf_counter()
+            hessians = round_hessians(model, cfg, x, device, world)
+            seconds += time.perf_counter() - t0
+    scores = (obs_saliency(prunable_weights(model), hessians, masks) if scoring is Criterion.OBS
+              else selector.scores(model, curv, cfg.negative_curvature))
+    selected = selector.select(scores, target, masks, model)
+    if cfg.update is WeightUpdate.OBS:
+        selected = obs_prune(model, hessians, masks, selected)
+    check_same_masks(world, selected, what)
+    selected.apply(model)
+    return selected, seconds
+
+
 @dataclass
 class _Progress:
     """Where a path stands: what a checkpoint saves after every round."""
@@ -335,6 +461,7 @@ class _Progress:
     stop: bool = False
     round: int = 0
     curvature_seconds: float = 0.0
+    l1_search: dict | None = None
 
 
 def prune_model(
@@ -352,6 +479,7 @@ def prune_model(
     fine_tune: FineTune | None = None,
     example_inputs: torch.Tensor | None = None,
     world: World | None = None,
+    dense_train: TrainConfig | None = None,
 ) -> list[PrunePoint]:
     """Run one method's path on a copy of ``model`` (left unchanged) and return its points.
 
@@ -359,19 +487,21 @@ def prune_model(
       attributes that :func:`obdprune.batches.as_batches` accepts.
     targets: sparsities to report (fractions of Conv/Linear weights, or MACs, removed).
     max_drop: percentage points of validation accuracy the result may lose against
-      ``dense_val_accuracy``; the last round that held is returned as the max-drop point.
+      ``dense_val_accuracy``; ``cfg.max_drop_rule`` (:mod:`obdprune.stopping`) picks the round returned.
     fine_tune: the user's ``fine_tune(model, epochs)`` for every training phase instead of obdprune's loop.
-    checkpoint: saves the state after every round and, if it holds one, continues after its last round.
+    checkpoint: saves the state after every round and, if it holds one, continues after its last round
+      (``prune_schedule="gradual"`` is one training run: it starts over).
     world: the ranks of a torchrun run (default: the initialized process group, else one process). Every
       rank calls ``prune_model`` alike; rank 0's weights are copied to all, data is sharded, curvature and
       accuracies are all-reduced, the masks are checked equal every round, and only rank 0 saves the
       checkpoint (the others wait; on resume they get rank 0's snapshot).
+    dense_train: the dense run's TrainConfig, whose learning rates ``cfg.lr_rewind`` replays.
     Points hold CPU state_dicts and masks so callers can save the models.
     """
     targets = sparsity_targets(targets)
     _check_request(targets, max_drop, cfg, fine_tune)
     world = world or current()
-    method, device, splits = cfg.method, torch.device(device), _splits(data, world)
+    device, splits = torch.device(device), _splits(data, world)
     dense_model, model = model, copy.deepcopy(model).to(device)
     sync_module(world, model)
     example = (example_inputs if example_inputs is not None else splits.train.example()).to(device)
@@ -380,36 +510,19 @@ def prune_model(
     selector = make_selector(model, example, granularity=cfg.granularity, budget=cfg.budget, scope=cfg.scope,
                              layer_floor=cfg.layer_floor, channel_multiple=cfg.channel_multiple,
                              min_units=cfg.min_units, keep=cfg.keep)
-    plan = _plan(selector, model, cfg, targets, max_drop)
-    reg = selector.regularizer(cfg.l1_lambda, cfg.l1_mode) if method.regularized else NoRegularizer()
-    run_phase = _phase_runner(cfg, splits.train, fine_tune, device, progress and world.writer, world)
+    recovery = Recovery.make(cfg.distill, cfg.lr_rewind, model, dense_train)
+    progress = progress and world.writer
     gen = torch.Generator().manual_seed(cfg.seed)
     state = _Progress(MaskSet.dense(model), [])
-    snapshots = _Snapshots(checkpoint, world, model, gen, time.perf_counter())
-
-    if not snapshots.resume(state, device) and cfg.reg_epochs:
-        run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method.value} regularize", state.masks, reg)
-        snapshots.save(state)
-
-    for rnd, target in [] if state.stop else list(enumerate(plan.path, start=1))[state.round:]:
-        _prune_step(model, cfg, selector, splits.train, state, target, gen, device, world, f"{method.value} round {rnd}")
-        run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method.value} {target:.3f}", state.masks, reg)
-        point = _measure_point(model, splits, method, state, selector, rnd, snapshots.start, device, world)
-        if on_round is not None:
-            on_round(_round_record(point, target, selector.macs(model, state.masks, example)))
-        if round(target, 12) in plan.targets:
-            state.results.append(_with_test(point, model, splits, device, world, target_sparsity=target))
-        if max_drop is not None and not state.failed:
-            if point.val_accuracy >= dense_val_accuracy - max_drop / 100.0 - 1e-12:
-                state.held = _with_test(point, model, splits, device, world, max_drop=max_drop)
-            else:
-                state.failed = True
-        state.round, state.stop = rnd, state.failed and target >= plan.last_target
-        snapshots.save(state)
-        if state.stop:
-            break
-    return state.results + ([_choose_held(state, dense_model, splits, method, max_drop, device, snapshots.start,
-                                          world)] if max_drop is not None else [])
+    schedule = _SCHEDULES[cfg.prune_schedule]
+    path = _Path(cfg, model, splits, selector, _plan(selector, model, cfg, targets, max_drop), example, state,
+                 _Snapshots(checkpoint if schedule is _run_rounds else None, world, model, gen, time.perf_counter()),
+                 gen, device, world, progress, _phase_runner(cfg, splits.train, fine_tune, device, progress, world,
+                                                             recovery), recovery, max_drop, dense_val_accuracy, on_round)
+    resumed = path.snapshots.resume(state, device)
+    path.reg, regularized = _regularizer(path)
+    schedule(path, resumed, regularized)
+    return path.finish(dense_model)
 
 
 def _check_request(targets: list[float], max_drop: float | None, cfg: PruneConfig, fine_tune: FineTune | None) -> None:
@@ -419,6 +532,9 @@ def _check_request(targets: list[float], max_drop: float | None, cfg: PruneConfi
         raise UsageError(f"the max drop is in percentage points and must be in [0, 100], got {max_drop}")
     if fine_tune is not None and cfg.method.regularized and cfg.l1_mode is L1Mode.PENALTY:
         raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
+    own = cfg.recipe_set(OWN_TRAINING)
+    if fine_tune is not None and own:
+        raise UsageError(f"{', '.join(own)}: need obdprune's own training loop; leave out fine_tune")
 
 
 @dataclass
@@ -438,7 +554,8 @@ class _Snapshots:
         if self.world.writer:
             self.checkpoint.save(RoundState(state.round, self.model.state_dict(), state.masks,
                                             self.generator.get_state(), state.results, state.held, state.failed,
-                                            state.stop, state.curvature_seconds, time.perf_counter() - self.start))
+                                            state.stop, state.curvature_seconds, time.perf_counter() - self.start,
+                                            state.l1_search))
         barrier(self.world)
 
     def resume(self, state: _Progress, device: torch.device) -> bool:
@@ -451,24 +568,158 @@ class _Snapshots:
         self.model.load_state_dict(resumed.model_state)
         state.masks, state.results, state.held = resumed.masks.to(device), resumed.results, resumed.held
         state.failed, state.stop, state.round = resumed.failed, resumed.stop, resumed.round
-        state.curvature_seconds = resumed.curvature_seconds
+        state.curvature_seconds, state.l1_search = resumed.curvature_seconds, resumed.l1_search
         self.generator.set_state(resumed.generator_state)
         self.start -= resumed.seconds
         return True
 
 
-def _prune_step(model: nn.Module, cfg: PruneConfig, selector: Selector, train_data: Batches, state: _Progress,
-                target: float, gen: torch.Generator, device: torch.device, world: World, what: str) -> None:
-    """Score (OBD on a fresh curvature sample, or magnitude), select masks reaching ``target``, apply them."""
-    curv = None
-    if cfg.method.second_order:
-        x, y = train_data.sample(min(cfg.curvature_samples, len(train_data)), gen)
-        curv, seconds = round_curvature(model, cfg, x, y, device, gen, world)
-        state.curvature_seconds += seconds
-    scores = selector.scores(model, curv, cfg.negative_curvature)
-    state.masks = selector.select(scores, target, state.masks, model)
-    check_same_masks(world, state.masks, what)
-    state.masks.apply(model)
+@dataclass
+class _Path:
+    """One method's path in progress: the pruned copy and what its schedule's steps use."""
+
+    cfg: PruneConfig
+    model: nn.Module
+    splits: _Splits
+    selector: Selector
+    plan: _Plan
+    example: torch.Tensor
+    state: _Progress
+    snapshots: _Snapshots
+    generator: torch.Generator
+    device: torch.device
+    world: World
+    progress: bool
+    run_phase: Callable[..., None]
+    recovery: Recovery
+    max_drop: float | None
+    dense_val_accuracy: float
+    on_round: Callable[[dict], None] | None
+    reg: Regularizer = field(default_factory=NoRegularizer)
+
+    def prune_to(self, target: float, what: str) -> None:
+        """:func:`prune_step` to ``target`` on a fresh sample of the training data."""
+        st = self.state
+        st.masks, seconds = prune_step(self.model, self.cfg, self.selector, st.masks, target, self.splits.train,
+                                       samples=min(self.cfg.curvature_samples, len(self.splits.train)),
+                                       generator=self.generator, device=self.device, world=self.world, what=what)
+        st.curvature_seconds += seconds
+
+    def end_round(self, rnd: int, target: float) -> bool:
+        """Measure the model after round ``rnd``, report it, keep it if ``target`` is a requested one, judge it
+        for the max drop, save the checkpoint; True when the path may stop."""
+        st = self.state
+        point = _measure_point(self.model, self.splits, self.cfg.method, st, self.selector, rnd, self.snapshots.start,
+                               self.device, self.world)
+        if self.on_round is not None:
+            self.on_round(_round_record(point, target, self.selector.macs(self.model, st.masks, self.example)))
+        key = round(target, 12)
+        if key in self.plan.targets and all(round(r.target_sparsity, 12) != key for r in st.results):
+            st.results.append(self._with_test(point, target_sparsity=target))
+        if self.max_drop is not None and not st.failed:
+            previous_held = rnd == 1 or (st.held is not None and st.held.round == rnd - 1)
+            verdict = judge(self.cfg.max_drop_rule, point.val_accuracy, len(self.splits.val), self.dense_val_accuracy,
+                            self.max_drop, previous_held)
+            if verdict is Verdict.HOLD:
+                st.held = self._with_test(point, max_drop=self.max_drop)
+            st.failed = verdict is Verdict.STOP
+        st.round, st.stop = rnd, st.failed and target >= self.plan.last_target
+        self.snapshots.save(st)
+        return st.stop
+
+    def _with_test(self, point: PrunePoint, **kw) -> PrunePoint:
+        return _with_test(point, self.model, self.splits, self.device, self.world, **kw)
+
+    def finish(self, dense: nn.Module) -> list[PrunePoint]:
+        """The target points and the max-drop choice, with the searched λ when ``l1_lambda="auto"``."""
+        st = self.state
+        points = st.results + ([_choose_held(st, dense, self.splits, self.cfg.method, self.max_drop, self.device,
+                                             self.snapshots.start, self.world)] if self.max_drop is not None else [])
+        if st.l1_search is None:
+            return points
+        return [replace(p, l1_lambda=st.l1_search["l1_lambda"], l1_search=st.l1_search) for p in points]
+
+
+def _regularizer(path: _Path) -> tuple[Regularizer, dict | None]:
+    """The method's regularizer: none, L1 (group lasso) of strength ``cfg.l1_lambda``, or with ``"auto"`` of the
+    strength searched on the validation split (once: a resumed path reads it back). Also returns the winning
+    trial's weights when that trial was exactly the rounds' regularization phase, so it is not run twice."""
+    cfg, st, selector = path.cfg, path.state, path.selector
+    if not cfg.method.regularized:
+        return NoRegularizer(), None
+    if cfg.l1_lambda != AUTO:
+        return selector.regularizer(cfg.l1_lambda, cfg.l1_mode), None
+    reused = None
+    if st.l1_search is None:
+        choice = _search_lambda(path)
+        st.l1_search = choice.to_dict()
+        if cfg.reg_epochs and cfg.prune_schedule is PruneSchedule.ROUNDS:
+            reused = choice.regularized_state
+    return selector.regularizer(st.l1_search["l1_lambda"], cfg.l1_mode), reused
+
+
+def _search_lambda(path: _Path):
+    """``l1_lambda="auto"``: trials of the regularization phase (at least one epoch), each probed by one-shot
+    magnitude pruning to the largest target (with a max drop only: to the path's end, at most 0.9), chosen on
+    validation (:func:`obdprune.lambda_search.search_l1_lambda`)."""
+    cfg, selector, model = path.cfg, path.selector, path.model
+    epochs = max(1, cfg.reg_epochs)
+    probe_target = max(path.plan.targets) if path.plan.targets else min(0.9, path.plan.path[-1])
+
+    def regularize(m: nn.Module, lam: float) -> None:
+        path.run_phase(m, epochs, cfg.seed * 1000, f"{cfg.method.value} λ={lam:.3g}", MaskSet.dense(m),
+                       selector.regularizer(lam, cfg.l1_mode))
+
+    def probe(m: nn.Module) -> MaskSet:
+        return selector.select(selector.magnitude_scores(m), probe_target, MaskSet.dense(m), m)
+
+    return search_l1_lambda(model, regularize=regularize, epochs=epochs, probe=probe, val=path.splits.val,
+                            device=path.device, world=path.world)
+
+
+def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:
+    """Today's schedule: the regularization phase, then rounds of prune → fine-tune along the plan's path."""
+    cfg, st, model, method = path.cfg, path.state, path.model, path.cfg.method.value
+    if not resumed and cfg.reg_epochs:
+        if regularized is not None:
+            model.load_state_dict(regularized)
+        else:
+            path.run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method} regularize", st.masks, path.reg)
+        path.snapshots.save(st)
+    for rnd, target in [] if st.stop else list(enumerate(path.plan.path, start=1))[st.round:]:
+        path.prune_to(target, f"{method} round {rnd}")
+        path.run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method} {target:.3f}", st.masks, path.reg)
+        if path.end_round(rnd, target):
+            break
+
+
+def _run_gradual(path: _Path, resumed: bool, regularized: dict | None) -> None:
+    """One continuous run of ``cfg.total_epochs``: ``reg_epochs`` before the ramp, the cubic ramp of
+    :mod:`obdprune.gradual` pruning every ``prune_every`` steps, the fine-tuning epochs after it. A "round" is
+    a pruning step; it is measured at the end of its segment, just before the next one (the last: at the end)."""
+    cfg, st, model = path.cfg, path.state, path.model
+    steps_per_epoch = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
+    ramp = plan_gradual(sorted(path.plan.targets | {round(path.plan.path[-1], 12)}), steps_per_epoch=steps_per_epoch,
+                        total_epochs=cfg.total_epochs, pre_epochs=cfg.reg_epochs, tail_epochs=cfg.finetune.epochs,
+                        prune_every=cfg.prune_every)
+    at = {step: k for k, step in enumerate(ramp.steps)}
+
+    def on_step(done: int, opt: torch.optim.Optimizer) -> None:
+        k = at.get(done)
+        if k is not None:
+            if k > 0:
+                path.end_round(k, ramp.sparsities[k - 1])
+            path.prune_to(ramp.sparsities[k], f"{cfg.method.value} ramp step {k + 1}")
+            st.masks.zero_optimizer_state(opt, model)
+
+    train(model, path.splits.train, replace(cfg.finetune, epochs=cfg.total_epochs, seed=cfg.seed * 1000),
+          masks=lambda: st.masks, regularizer=path.reg, device=path.device, progress=path.progress,
+          desc=f"{cfg.method.value} gradual", world=path.world, on_step=on_step,
+          **path.recovery.train_kwargs(cfg.total_epochs, steps_per_epoch))
+    path.end_round(len(ramp.steps), ramp.sparsities[-1])
+
+
+_SCHEDULES = {PruneSchedule.ROUNDS: _run_rounds, PruneSchedule.GRADUAL: _run_gradual}
 
 
 def _round_record(point: PrunePoint, target: float, macs: int) -> dict:
@@ -486,7 +737,8 @@ def _measure_point(model: nn.Module, splits: _Splits, method: Method, state: _Pr
     return PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
                       val_accuracy=val_acc, test_accuracy=None, seconds=time.perf_counter() - start,
                       curvature_seconds=state.curvature_seconds, round=rnd,
-                      macs_removed=selector.macs_removed(state.masks), masks=state.masks)
+                      macs_removed=selector.macs_removed(state.masks), masks=state.masks,
+                      val_accuracy_se=standard_error(val_acc, len(splits.val)))
 
 
 def _with_test(point: PrunePoint, model: nn.Module, splits: _Splits, device: torch.device, world: World,
@@ -505,12 +757,13 @@ def _choose_held(state: _Progress, dense: nn.Module, splits: _Splits, method: Me
         return state.held
     warnings.warn(f"{method.value}: no pruning round kept validation accuracy within {max_drop} points of "
                   f"the dense model; the max-drop result is the dense model itself (sparsity 0)",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=4)
     model = copy.deepcopy(dense).to(device)
     sync_module(world, model)
     sparsity, nonzero, total = measured_sparsity(model)
+    val_acc = evaluate(model, splits.val, device=device, world=world)[0]
     point = PrunePoint(method=method.value, sparsity=sparsity, nonzero_weights=nonzero, weights=total,
-                       val_accuracy=evaluate(model, splits.val, device=device, world=world)[0], test_accuracy=None,
-                       seconds=time.perf_counter() - start, curvature_seconds=state.curvature_seconds, round=0,
-                       masks=masks_from_weights(model))
+                       val_accuracy=val_acc, test_accuracy=None, seconds=time.perf_counter() - start,
+                       curvature_seconds=state.curvature_seconds, round=0, masks=masks_from_weights(model),
+                       val_accuracy_se=standard_error(val_acc, len(splits.val)))
     return _with_test(point, model, splits, device, world, max_drop=max_drop)

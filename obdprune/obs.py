@@ -35,7 +35,7 @@ from obdprune.errors import UsageError
 from obdprune.layers import PRUNABLE_TYPES
 from obdprune.masking import MaskSet
 
-__all__ = ["layer_hessians", "obs_saliency", "obs_prune_rows", "obs_prune", "DEFAULT_DAMP"]
+__all__ = ["layer_hessians", "dampen", "obs_saliency", "obs_prune_rows", "obs_prune", "DEFAULT_DAMP"]
 
 DEFAULT_DAMP = 0.01
 _BLOCK = 2 ** 22  # float64 entries of row-restricted inverses held at once (32 MiB)
@@ -91,13 +91,20 @@ def layer_hessians(model: nn.Module, x: torch.Tensor, *, damp: float = DEFAULT_D
         for h in handles:
             h.remove()
         model.train(was_training)
-    out = {}
-    for name, xx in sums.items():
-        H = 2.0 * xx / x.shape[0]
-        mean = float(H.diagonal().mean())
-        H.diagonal().add_(damp * (mean if mean > 0 else 1.0))
-        out[name] = H
-    return out
+    return {name: dampen(2.0 * xx / x.shape[0], damp) for name, xx in sums.items()}
+
+
+def dampen(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp·mean(diag H)·I (damp·I when the diagonal's mean is not positive), in place; returns H.
+
+    >>> dampen(torch.diag(torch.tensor([1.0, 3.0])), 0.5).diagonal().tolist()
+    [2.0, 4.0]
+    """
+    if not damp >= 0:
+        raise UsageError(f"OBS dampening must be >= 0, got {damp}")
+    mean = float(H.diagonal().mean())
+    H.diagonal().add_(damp * (mean if mean > 0 else 1.0))
+    return H
 
 
 def _restricted_inverses(H: torch.Tensor, free: torch.Tensor) -> torch.Tensor:

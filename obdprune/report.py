@@ -38,6 +38,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"{d['nonzero_weights']:,} of {d['weights']:,} weights nonzero.",
         "",
     ]
+    lines += _schedule_lines(summary.get("prune") or {})
     macs = any("macs_removed" in r for r in summary["results"])
     unit = " of MACs" if (summary.get("prune") or {}).get("budget") == "macs" else ""
     lines += [
@@ -52,8 +53,19 @@ def render_report(summary: dict[str, Any]) -> str:
         mac_cell = (f" {_pct(r['macs_removed'])} |" if "macs_removed" in r else " – |") if macs else ""
         lines.append(
             f"| {r['method']} | {target} | {_pct(r['sparsity'])} | {r['nonzero_weights']:,} | {comp:.1f}× |{mac_cell} "
-            f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
+            f"{_pct(r['val_accuracy'])}{_se(r)} | {_pct(r['test_accuracy'])} | {delta:+.2f} | {r['seconds']:.0f} | "
             f"{r.get('curvature_seconds', 0.0):.1f} |")
+    searched = [r for r in sorted(summary["results"], key=_sort_key) if "l1_search" in r]
+    if searched:
+        lines += ["", "## L1 strength chosen on validation (`l1_lambda` auto: λ = ρ / number of Conv/Linear weights)", "",
+                  "| method | result | ρ | λ | validation accuracy per ρ (probe) | search epochs | search s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in searched:
+            search = r["l1_search"]
+            cands = ", ".join(f"{c['strength']:g}: {_pct(c['val_accuracy'])}" for c in search["candidates"])
+            label = f"max-drop {r['max_drop']} pt" if "max_drop" in r else f"{r['target_sparsity']:.2f}"
+            lines.append(f"| {r['method']} | {label} | {search['strength']:g} | {search['l1_lambda']:.3g} | {cands} | "
+                         f"{search['epochs']} | {search['seconds']:.0f} |")
     excluded = summary.get("excluded_layers")
     if excluded:
         lines += ["", "## Layers that keep all their units", ""] + [f"- `{n}`: {why}" for n, why in excluded.items()]
@@ -65,6 +77,35 @@ def render_report(summary: dict[str, Any]) -> str:
                   browser_table(summary)]
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
     return "\n".join(lines)
+
+
+def _se(r: dict) -> str:
+    return f" ± {100 * r['val_accuracy_se']:.2f}" if "val_accuracy_se" in r else ""
+
+
+def _schedule_lines(prune: dict) -> list[str]:
+    """What every method's training was: the schedule, its budget and the recovery options in force."""
+    if not prune:
+        return []
+    ft = (prune.get("finetune") or {}).get("epochs")
+    if prune.get("prune_schedule") == "gradual":
+        text = (f"Schedule: gradual (cubic sparsity ramp) inside one run of {prune['total_epochs']} epochs per method "
+                f"({prune.get('reg_epochs')} before the ramp, {ft} after it), pruning every {prune['prune_every']} "
+                f"steps.")
+    else:
+        text = (f"Schedule: rounds of prune → fine-tune: {prune.get('reg_epochs')} epochs before the first round, "
+                f"{ft} after each.")
+    recipe = [name for name, on in (("learning-rate rewinding", prune.get("lr_rewind")),
+                                    (f"distillation T={(prune.get('distill') or [0, 0])[0]:g} "
+                                     f"α={(prune.get('distill') or [0, 0])[1]:g}", prune.get("distill")),
+                                    (f"criterion {prune.get('criterion')}", prune.get("criterion")),
+                                    ("OBS weight update", prune.get("update") == "obs"),
+                                    ("λ searched on validation", prune.get("l1_lambda") == "auto"),
+                                    (f"max-drop rule {prune.get('max_drop_rule')}",
+                                     prune.get("max_drop_rule") not in (None, "first-failure"))) if on]
+    if recipe:
+        text += " Recovery recipe: " + ", ".join(recipe) + "."
+    return [text + " Validation accuracy ± its standard error √(p(1−p)/n).", ""]
 
 
 def browser_table(summary: dict[str, Any]) -> str:

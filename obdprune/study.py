@@ -151,7 +151,8 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
     dense_val = manifest["metrics"]["val_accuracy"]
     world = current()
     results = prune_model(model, data, cfg, targets=list(targets), max_drop=max_drop, dense_val_accuracy=dense_val,
-                          device=device, progress=progress, on_round=on_round, checkpoint=checkpoint)
+                          device=device, progress=progress, on_round=on_round, checkpoint=checkpoint,
+                          dense_train=_dense_train(manifest, parent_path) if cfg.lr_rewind else None)
     out = []
     for r in results:
         d = r.to_dict()
@@ -179,6 +180,14 @@ def prune_dense(dense: LoadedRun | tuple[nn.Module, dict], data: Dataset, cfg: P
         out.append(d)
     barrier(world)
     return out
+
+
+def _dense_train(manifest: dict, where: str | Path | None) -> TrainConfig:
+    """The dense run's TrainConfig from its manifest (what learning-rate rewinding replays)."""
+    if not isinstance(manifest.get("train"), dict):
+        raise UsageError(f"learning-rate rewinding replays the dense run's training schedule, but the run"
+                         f"{f' at {where}' if where else ''} records none (imported runs do not); leave it out")
+    return TrainConfig(**manifest["train"])
 
 
 def run_compare(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -92,13 +92,16 @@ def train(
     data: Batches | tuple[torch.Tensor, torch.Tensor] | Iterable,
     cfg: TrainConfig,
     *extra: object,
-    masks: MaskSet | None = None,
+    masks: MaskSet | Callable[[], MaskSet | None] | None = None,
     regularizer: Regularizer | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[int, dict], None] | None = None,
     world: World | None = None,
+    lrs: Sequence[float] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place with mean cross-entropy on ``data``: an ``(x (N, ...), y (N,))`` pair
     (shuffled here, seeded by ``cfg.seed``) or any re-iterable of batches such as a DataLoader.
@@ -111,6 +114,12 @@ def train(
     world: under torchrun (see :mod:`obdprune.distributed`), every rank calls ``train`` alike: the model
     is wrapped in DistributedDataParallel for this phase, in-memory data is sharded so ``cfg.batch_size``
     is the global batch, and the history counts every rank's samples.
+
+    Hooks for pruning recipes (all off by default): ``lrs[k]`` is the learning rate of step k (0-based,
+    counted over the whole run; replaces ``cfg.schedule``); ``loss_fn(logits, x, y)`` returns per-sample
+    losses (B,) that replace the cross-entropy; ``on_step(k, optimizer)`` runs after step k (1-based) with
+    its constraints applied. ``masks`` may be a callable returning the masks in force now (they may change
+    inside ``on_step``).
 
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     >>> x, y = torch.randn(8, 1, 2, 2), torch.tensor([0, 1] * 4)
@@ -129,7 +138,10 @@ def train(
     global_sizes = batches.global_batch_sizes(cfg.batch_size)
     steps_per_epoch = batches.steps_per_epoch(cfg.batch_size)
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs) if steps_per_epoch else None
+    sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs) if steps_per_epoch and lrs is None else None
+    if lrs is not None and steps_per_epoch is not None and len(lrs) < steps_per_epoch * cfg.epochs:
+        raise UsageError(f"{len(lrs)} learning rates for {steps_per_epoch * cfg.epochs} steps")
+    done = 0
     handle = StepConstraints(model, masks, regularizer).attach(opt)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -143,10 +155,11 @@ def train(
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 logits = net(xb)
                 if global_sizes is None:
-                    loss = F.cross_entropy(logits, yb)
+                    loss = F.cross_entropy(logits, yb) if loss_fn is None else loss_fn(logits, xb, yb).mean()
                     objective = loss
                 else:  # DDP averages over ranks: scale the shard's sum so the average is the global mean
-                    loss_sum_shard = F.cross_entropy(logits, yb, reduction="sum")
+                    loss_sum_shard = (F.cross_entropy(logits, yb, reduction="sum") if loss_fn is None
+                                      else loss_fn(logits, xb, yb).sum())
                     loss = loss_sum_shard / max(int(yb.shape[0]), 1)
                     objective = loss_sum_shard * (world.size / global_sizes[step])
                 if not torch.isfinite(loss):
@@ -159,9 +172,17 @@ def train(
                     total = objective + pen
                 opt.zero_grad(set_to_none=True)
                 total.backward()
+                if lrs is not None:
+                    if done >= len(lrs):
+                        raise UsageError(f"the learning-rate sequence has {len(lrs)} steps; the data gave more")
+                    for group in opt.param_groups:
+                        group["lr"] = float(lrs[done])
                 opt.step()  # StepConstraints: masked gradients before, proximal step and masks after
                 if sched is not None:
                     sched.step()
+                done += 1
+                if on_step is not None:
+                    on_step(done, opt)
                 bs = yb.shape[0]
                 loss_sum += loss.item() * bs
                 correct += int((logits.argmax(1) == yb).sum())

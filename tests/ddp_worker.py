@@ -7,6 +7,7 @@ got to ``OUT/rank<R>.safetensors``, to be compared with the other rank and with 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,13 @@ from obdprune.train import TrainConfig
 
 CURVATURES = ("ggn", "empirical-fisher", "ggn-mc", "hessian-hutchinson")
 GRANULARITIES = ("element", "channel")
+RECIPES = {  # the recovery recipe's options on the element path; a max drop exercises the max-drop rule
+    "recipe-rounds": dict(distill=(2.0, 0.5), lr_rewind=True, criterion="obs", update="obs", l1_lambda="auto",
+                          max_drop_rule="forgive-one", max_sparsity=0.9),
+    "recipe-gradual": dict(prune_schedule="gradual", total_epochs=3, prune_every=1, distill=(2.0, 0.5),
+                           update="obs", max_sparsity=0.9),
+}
+DENSE_TRAIN = TrainConfig(epochs=2, lr=0.05, batch_size=16)  # what lr_rewind replays
 
 
 def problem() -> tuple[nn.Module, "Splits"]:
@@ -60,6 +68,12 @@ def prune(granularity: str, world=None):
     return prune_model(model, splits, config(granularity), targets=[0.5, 0.8], progress=False, world=world)
 
 
+def prune_recipe(name: str, world=None):
+    model, splits = problem()
+    return prune_model(model, splits, replace(config("element"), **RECIPES[name]), targets=[0.5, 0.8], max_drop=50.0,
+                       progress=False, world=world, dense_train=DENSE_TRAIN)
+
+
 def flat(prefix: str, points) -> dict[str, torch.Tensor]:
     out = {}
     for i, p in enumerate(points):
@@ -78,6 +92,8 @@ def main(out: Path) -> None:
             tensors |= {f"curv/{kind}/{k}": v.contiguous() for k, v in curvature(kind, world).items()}
         for gran in GRANULARITIES:
             tensors |= flat(gran, prune(gran, world))
+        for name in RECIPES:
+            tensors |= flat(name, prune_recipe(name, world))
         save_file(tensors, str(out / f"rank{world.rank}.safetensors"))
 
 

@@ -121,6 +121,24 @@ def test_two_rank_prune_equals_one_process(two_ranks, granularity):
     assert a[f"{granularity}/1/m/5.weight"].float().mean() < 1.0  # something was pruned
 
 
+@pytest.mark.parametrize("recipe", list(ddp_worker.RECIPES))
+def test_two_rank_recipe_equals_one_process(two_ranks, recipe):
+    """The recovery recipe under torchrun (distillation, rewinding, OBS criterion and update with Hessians
+    all-reduced, the λ search, the forgive-one rule, the gradual run): the same masks as one process on both
+    ranks, weights to 1e-9."""
+    a, b = two_ranks
+    one = ddp_worker.flat(recipe, ddp_worker.prune_recipe(recipe))
+    masks = [k for k in one if "/m/" in k]
+    assert len({k.split("/")[1] for k in masks}) == 3  # two targets and the max-drop point
+    for k in masks:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], one[k]), k
+    for k, v in one.items():
+        if "/w/" in k or k.endswith("/val"):
+            assert torch.equal(a[k], b[k]), k
+            torch.testing.assert_close(a[k], v, rtol=1e-9, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 PRUNE = ["--method", "hybrid", "--sparsity", "0.5", "0.8", "0.9", "--reg-epochs", "1", "--finetune-epochs",

@@ -1,6 +1,6 @@
 """Building blocks of the accuracy recipe (issue: accuracy at high sparsity), each against its definition:
 the cubic ramp of gradual pruning (Zhu & Gupta 2017) and the max-drop stopping rules on rigged sequences.
-Layer-wise OBS is in tests/test_obs.py. Their wiring into the prune loop is not on main yet."""
+Layer-wise OBS is in tests/test_obs.py; their wiring into the prune loop in tests/test_recipe.py."""
 import pytest
 
 from obdprune.errors import UsageError

@@ -1,0 +1,91 @@
+"""``l1_lambda="auto"``: the L1 (group-lasso) strength chosen per model and method on the validation split.
+
+Strengths are searched on a scale-free grid. A strength ρ means the raw strength
+
+    λ = ρ / N,   N = the number of prunable (Conv/Linear) weights of the model,
+
+so the penalty λ·Σ|w| = ρ·mean|w| is ρ times the mean weight magnitude, in units of the loss, whatever
+the model's size (lenet5's former default λ = 2e-3 is ρ ≈ 123; lenet300's same λ is ρ ≈ 532). For
+group lasso the same λ multiplies Σ_g √|g|·‖w_g‖₂ (see :mod:`obdprune.regularize`).
+
+Each candidate ρ of :data:`AUTO_L1_STRENGTHS` gets a short trial on a copy of the dense model: the
+method's regularization phase (``reg_epochs``, at least one epoch) with λ = ρ/N, then one-shot magnitude
+pruning to the probe sparsity (the largest target), then its validation accuracy. The highest validation
+accuracy wins (ties: the weaker strength). Test data is never seen. The trials' epochs count toward the
+method's budget and are reported; when the trial is exactly the method's regularization phase, the
+winner's regularized weights are reused and that phase is not run again.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from obdprune.batches import Batches
+from obdprune.distributed import World
+from obdprune.errors import UsageError
+from obdprune.masking import MaskSet, prunable_weights
+from obdprune.train import evaluate
+
+__all__ = ["AUTO_L1_STRENGTHS", "lambda_from_strength", "LambdaChoice", "search_l1_lambda"]
+
+AUTO_L1_STRENGTHS: tuple[float, ...] = (4.0, 16.0, 64.0, 256.0)
+"""The candidate strengths ρ (λ = ρ/N), a factor of 4 apart."""
+
+
+def lambda_from_strength(strength: float, model: nn.Module) -> float:
+    """λ = ρ / N with N the number of Conv/Linear weights of ``model``.
+
+    >>> lambda_from_strength(64.0, nn.Linear(4, 8))
+    2.0
+    """
+    return float(strength) / sum(w.numel() for w in prunable_weights(model).values())
+
+
+@dataclass
+class LambdaChoice:
+    """The search's outcome: the chosen λ (and ρ), every candidate's validation accuracy, its cost."""
+
+    l1_lambda: float
+    strength: float
+    candidates: list[dict]
+    epochs: int
+    seconds: float
+    regularized_state: dict | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"l1_lambda": self.l1_lambda, "strength": self.strength, "candidates": self.candidates,
+                "epochs": self.epochs, "seconds": self.seconds}
+
+
+def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float], None], epochs: int,
+                     probe: Callable[[nn.Module], MaskSet], val: Batches, device: torch.device,
+                     world: World | None = None, strengths: Sequence[float] | None = None) -> LambdaChoice:
+    """Try every strength on a copy of ``model`` (left unchanged) and choose on ``val``.
+
+    regularize(model, λ): the regularized phase of ``epochs`` epochs, in place.
+    probe(model): masks of the one-shot probe pruning (applied here before validation).
+    world: under torchrun, every rank calls this alike and the validation counts are all-reduced.
+    Returns the choice with the winner's weights after ``regularize`` (before the probe).
+    """
+    strengths = AUTO_L1_STRENGTHS if strengths is None else tuple(strengths)
+    if not strengths:
+        raise UsageError("the λ search needs at least one candidate strength")
+    t0 = time.perf_counter()
+    best: tuple[float, float, float, dict] = (-1.0, 0.0, 0.0, {})
+    candidates = []
+    for rho in strengths:
+        lam = lambda_from_strength(rho, model)
+        trial = copy.deepcopy(model)
+        regularize(trial, lam)
+        state = {k: v.detach().cpu().clone() for k, v in trial.state_dict().items()}
+        probe(trial).apply(trial)
+        acc, _ = evaluate(trial, val, device=device, world=world)
+        candidates.append({"strength": rho, "l1_lambda": lam, "val_accuracy": acc})
+        if acc > best[0]:
+            best = (acc, rho, lam, state)
+    return LambdaChoice(best[2], best[1], candidates, epochs * len(strengths), time.perf_counter() - t0, best[3])
