@@ -78,11 +78,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+ONECYCLE_WARMUP = 0.25  # share of the steps spent warming up
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    """The LR scheduler of ``cfg.schedule`` over ``steps`` optimizer steps, or None (constant).
+
+    One-cycle needs a warm-up of more than one step (``OneCycleLR`` divides by zero otherwise); shorter
+    runs, of four steps or fewer, anneal by cosine instead.
+    """
     name = cfg.schedule
-    if name is ScheduleName.ONECYCLE and steps > 1:
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
-    if name is ScheduleName.COSINE and steps > 0:
+    if name is ScheduleName.ONECYCLE and steps * ONECYCLE_WARMUP > 1:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=ONECYCLE_WARMUP)
+    if name in (ScheduleName.ONECYCLE, ScheduleName.COSINE) and steps > 0:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     return None
 
