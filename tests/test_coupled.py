@@ -23,17 +23,26 @@ from obdprune.saliency import group_saliency, obd_saliency
 from obdprune.selection import Budget, make_selector
 
 from conftest import randomize_batchnorm
-from coupled_nets import BLOCK_NETS
+from coupled_nets import BLOCK_NETS, FAMILY_NETS
 
 NETS = dict(BLOCK_NETS)
+NETS.update(FAMILY_NETS)
 NETS["resnet20"] = lambda: resnet20((3, 8, 8), 5, width=4)
 NETS["mobilenetv2-small"] = lambda: mobilenetv2_small((3, 8, 8), 5, width_mult=0.25)
 NETS["densenet-small"] = lambda: densenet_small((3, 8, 8), 5, growth=4, block_layers=(2, 2))
 
 # Layers that truly cannot lose units alone, and why (besides the classifier, an output layer everywhere).
+_SHUFFLE = "a channel shuffle or another reshape of the channels: view"
+_LAYERNORM = "normalizes across channels: removing a channel changes the mean and variance that normalize the others"
 NOT_REMOVABLE = {
-    "channel-shuffle": {n: "channel shuffle" for n in ("0.0", "1.branch.3.0", "2.branch.3.0")},
-    "layernorm-depthwise7": {n: "LayerNorm normalizes across channels" for n in ("0", "2.dw", "2.pw2", "3.dw", "3.pw2")},
+    "channel-shuffle": {n: _SHUFFLE for n in ("0.0", "1.branch.3.0", "2.branch.3.0")},
+    "layernorm-depthwise7": {n: _LAYERNORM for n in ("0", "2.dw", "2.pw2", "3.dw", "3.pw2")},
+    # the shuffled stream: what each unit's two halves write; the stem's channels go to a stride-2 unit only
+    "shufflenet-v2": {n: _SHUFFLE for n in ("stage2.0.branch1.2.0", "stage2.0.branch2.3.0", "stage2.1.branch2.3.0",
+                                            "stage2.2.branch2.3.0")},
+    # the stream every LayerNorm normalizes: stem, depthwise convs, the MLPs' second Linear, the downsampling conv
+    "convnext": {n: _LAYERNORM for n in ("features.0.0", "features.1.block.0", "features.1.block.5", "features.2.block.0",
+                                         "features.2.block.5", "features.3.1", "features.4.block.0", "features.4.block.5")},
 }
 # What the blocks that cannot be pruned through leave removable: less than half of the MACs.
 MAC_LIMIT_BELOW_HALF = {"channel-shuffle"}
@@ -117,7 +126,7 @@ def test_half_the_macs_then_compaction_is_exact_and_keeps_the_minimum(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small", "densenet-small", "squeeze-excitation",
-                                  "grouped-conv"])
+                                  "grouped-conv", *FAMILY_NETS])
 def test_compacted_coupled_models_export_to_onnx_with_parity(name, tmp_path):
     pytest.importorskip("onnxruntime")
     model, x = _net(name)
@@ -262,7 +271,7 @@ def test_pruner_step_beyond_the_limit_lists_every_layer_that_keeps_its_units():
     text = str(err.value)
     assert "would empty a layer" in text and "layers that cannot lose units:" in text
     assert "\n  5: output layer (its outputs are model outputs)" in text
-    assert "\n  1.branch.3.0: unsupported op (a reshape of the channels" in text
+    assert f"\n  1.branch.3.0: unsupported op ({_SHUFFLE} (1, 8, 8, 8) → (1, 2, 4, 8, 8) in '1')" in text
 
 
 def test_compare_summary_and_report_list_the_layers_that_keep_their_units(tmp_path):
