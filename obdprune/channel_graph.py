@@ -23,7 +23,7 @@ Example:
     >>> m = nn.Sequential(nn.Conv2d(3, 4, 1), Shuffle(), nn.Conv2d(4, 2, 1))
     >>> g = build_graph(m, torch.zeros(1, 3, 4, 4))
     >>> [c.describe() for c in g.cuts.values()]
-    ["view (1, 4, 4, 4) → (1, 2, 2, 4, 4) in '1'"]
+    ["a channel shuffle or another reshape of the channels: view (1, 4, 4, 4) → (1, 2, 2, 4, 4) in '1'"]
 """
 from __future__ import annotations
 
@@ -38,23 +38,30 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Cut", "ChannelGraph", "GraphFailure", "build_graph", "failing_node"]
+__all__ = ["SHUFFLE", "Cut", "ChannelGraph", "GraphFailure", "build_graph", "failing_node"]
 
 _RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"})
 _PERMUTES = frozenset({"permute", "transpose", "transpose_", "swapaxes", "swapdims", "movedim", "moveaxis"})
 _CHANNEL_MOVERS = frozenset({"channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle"})
 
 
+SHUFFLE = "a channel shuffle or another reshape of the channels"
+
+
 @dataclass(frozen=True)
 class Cut:
     """An op the graph stops at: ``op`` (``"view (1, 16, 4, 4) → (1, 2, 8, 4, 4)"``) run inside module
-    ``module`` (dotted name, ``""`` for the model itself)."""
+    ``module`` (dotted name, ``""`` for the model itself), and why (:data:`SHUFFLE`, or the graph library's
+    failure there)."""
 
     op: str
     module: str
+    why: str = SHUFFLE
 
     def describe(self) -> str:
-        return f"{self.op} in {self.module!r}" if self.module else self.op
+        """``"why: op in 'module'"``, e.g. ``"a channel shuffle or another reshape of the channels: view (1, 8,
+        8, 8) → (1, 2, 4, 8, 8) in '1'"``."""
+        return f"{self.why}: {self.op}" + (f" in {self.module!r}" if self.module else "")
 
 
 @dataclass
@@ -110,7 +117,7 @@ class _CutMode(TorchFunctionMode):
     """Runs every op that moves channels (and the ``force``-d calls, numbered over all ops that return a
     tensor) on detached inputs, recording the activations it was given."""
 
-    def __init__(self, force: set[int], stack: list[str]) -> None:
+    def __init__(self, force: dict[int, str], stack: list[str]) -> None:
         super().__init__()
         self.force, self.stack = force, stack
         self.count = 0
@@ -128,14 +135,18 @@ class _CutMode(TorchFunctionMode):
         k, self.count = self.count, self.count + 1
         name = getattr(func, "__name__", str(func)).removesuffix("_")
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        label = f"{name} {tuple(x.shape)} → {tuple(out.shape)}" if x is not None else name
-        if out.grad_fn is not None:
+        first = args[0] if args else None
+        if isinstance(first, (list, tuple)) and first and all(isinstance(t, torch.Tensor) for t in first):
+            label = f"{name} [{', '.join(str(tuple(t.shape)) for t in first)}] → {tuple(out.shape)}"
+        else:
+            label = f"{name} {tuple(x.shape)} → {tuple(out.shape)}" if x is not None else name
+        if out.grad_fn is not None and out.grad_fn not in self.calls:  # not an op that returns its input (eval dropout)
             self.calls[out.grad_fn] = (k, label)
             self.modules[out.grad_fn] = self.stack[-1] if self.stack else ""
         moved = x is not None and x.grad_fn is not None and not _keeps_channels(name, func, args, kwargs, x, out)
         if not moved and k not in self.force:
             return out
-        cut = Cut(label, self.stack[-1] if self.stack else "")
+        cut = Cut(label, self.stack[-1] if self.stack else "", SHUFFLE if moved else self.force[k])
         activations = [t for t in _flatten((args, kwargs)) if t.grad_fn is not None]
         for t in activations:
             if t.grad_fn not in self.cuts:
@@ -198,7 +209,7 @@ def build_graph(model: nn.Module, example_inputs: Any, call: Callable[[nn.Module
     """
     call = call or (lambda m, x: m(x))
     names = {m: n for n, m in model.named_modules()}
-    force: set[int] = set()
+    force: dict[int, str] = {}  # call number -> the graph library's failure there
     for _ in range(max_retries + 1):
         stack: list[str] = []
         inside: dict[Any, str] = {}
@@ -242,7 +253,7 @@ def build_graph(model: nn.Module, example_inputs: Any, call: Callable[[nn.Module
             what = _node_label(node) if node is not None else "an unknown op"
             if at is None or at[0] in force:
                 raise GraphFailure(f"the channel graph library fails at {what} ({type(e).__name__}: {e})") from e
-            force.add(at[0])
+            force[at[0]] = f"the channel graph library fails there ({type(e).__name__}: {e})"
             continue
         mode = modes[-1]
         outputs = [t for t in _flatten(mode.model_out) if t.grad_fn is not None]

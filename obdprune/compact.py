@@ -15,9 +15,13 @@ How deadness is decided (per channel ``c`` of a Torch-Pruning group, i.e. the se
 that must be removed together -- a conv output, its BatchNorm, every tensor added to it in a
 residual sum, and the matching inputs of every layer that reads it):
 
-1. every node of the group must be an op whose channel structure we understand (conv, linear,
-   batch norm, channel-wise activations/pooling, flatten, add/mul of aligned tensors, cat on dim
-   1); otherwise no channel of the group is removed;
+1. every node of the group must be an op whose channel structure we understand (conv, linear --
+   on (N, features) or a channels-last (N, *, features) input --, batch norm, channel-wise
+   activations/pooling, flatten, add/mul of aligned tensors, cat on dim 1); otherwise no channel of
+   the group is removed. Each node's channel dim is tracked (1 after a conv, the last after a
+   Linear, moved by a permute), and an op that expects the channels elsewhere stops the group. The
+   graph is built by :func:`obdprune.channel_graph.build_graph`, cut at ops that move channels to
+   other positions (a channel shuffle): the tensor before the cut counts as a model output;
 2. no tensor of the group may be a model output (its units are never removed);
 3. for every layer that reads channel ``c`` (consumer conv/linear, after Flatten ``c`` becomes
    H*W consecutive inputs), each input position either has all-zero weights in the consumer or

@@ -337,8 +337,7 @@ def _coupled_group(graph: ChannelGraph, root: nn.Module, names: Mapping[Any, str
         for it in items:
             cut = graph.cuts.get(it.dep.target.grad_fn)
             if cut is not None:
-                raise _Excluded(Exclusion.UNSUPPORTED, f"a channel shuffle or another reshape of the channels: "
-                                                       f"{cut.describe()}")
+                raise _Excluded(Exclusion.UNSUPPORTED, cut.describe())
             m = it.dep.target.module
             if _is_depthwise(m) and not dg.module2node[m].inputs:
                 raise _Excluded(Exclusion.UNSUPPORTED, f"depthwise conv {names[m]!r} reads channels no layer "
@@ -448,11 +447,16 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
     concatenation (and the BatchNorms that normalize them), a depthwise conv's input and output
     channel. Where a grouped conv (``groups`` = g) produces or reads the channels, a unit is the same
     position in each of its g groups (:attr:`UnitLayer.blocks` channels), so the conv keeps equal groups.
-    A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they feed a model
-    output, a sum with the network input, when a layer or op on the way is one whose channels cannot
-    be removed alone (a norm across channels, a non-affine BatchNorm, a reshape of the channels, a
-    grouped conv whose groups the channels do not split into evenly, a layer called twice), when
-    nothing reads them, or when the user keeps them.
+    A Linear on a channels-last (N, *, features) input (ConvNeXt's MLP after a permute) has units like
+    one on (N, features). A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they
+    feed a model output, a sum with the network input, when a layer or op on the way is one whose
+    channels cannot be removed alone (a norm across channels, a non-affine BatchNorm, a grouped conv
+    whose groups the channels do not split into evenly, a depthwise conv on channels no layer produces,
+    a layer called twice), when they reach an op that moves channels to other positions (a channel
+    shuffle, a pixel shuffle, a reshape of the channel dim: the graph is cut there, see
+    :mod:`obdprune.channel_graph`, and only the channels before the op keep their units), when nothing
+    reads them, or when the user keeps them. Where the channel graph library (Torch-Pruning) fails on
+    an op, the graph is cut at that op and the reason names it; nothing it raises escapes.
 
     Example:
         >>> from obdprune.models.cnn import resnet20
