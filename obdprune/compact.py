@@ -61,7 +61,7 @@ from obdprune.autograd_ops import (BINARY_OPS, CHANNELWISE_UNARY_OPS, CONST_PRES
                                    SPATIAL_REDUCE_OPS, normalized_dims, op_name, reduces_only_spatial_dims)
 from obdprune.channel_graph import GraphFailure, build_graph
 from obdprune.errors import ModelFileError, UsageError
-from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES
+from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES, is_depthwise, is_grouped
 
 __all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
 
@@ -97,15 +97,6 @@ def _autograd_ready(example_inputs: Any) -> Any:
     return example_inputs
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    """A grouped convolution whose input and output channels are separate (not depthwise)."""
-    return isinstance(m, CONV_TYPES) and m.groups > 1 and not _is_depthwise(m)
-
-
 def _reads_input(m: nn.Module) -> torch.Tensor:
     """(in_channels,) bool: input channels some nonzero weight of the Conv/Linear ``m`` reads."""
     w = m.weight.detach()
@@ -133,7 +124,7 @@ def _equal_groups(dg: tp.DependencyGraph, items: list[Any], dead: torch.Tensor) 
         changed = False
         for it in items:
             m = it.dep.target.module
-            if not _is_grouped(m):
+            if not is_grouped(m):
                 continue
             out = dg.is_out_channel_pruning_fn(it.dep.handler)
             n = m.out_channels if out else m.in_channels
@@ -387,9 +378,9 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
     if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV):
         if not isinstance(m, CONV_TYPES):
             return False  # not transposed convs
-        if _is_depthwise(m) and not reader and not node.inputs:
+        if is_depthwise(m) and not reader and not node.inputs:
             return False  # its input channels come from no layer (the network input, a channel shuffle)
-        return _input_axis(tr, m) == 1 or not (reader or _is_depthwise(m))
+        return _input_axis(tr, m) == 1 or not (reader or is_depthwise(m))
     if t == tp_ops.OPTYPE.LINEAR:  # on (N, features) or channels-last (N, *, features) inputs
         n_in = len(tr.module_in_shape.get(m, ()))
         return n_in >= 2 and (not reader or _input_axis(tr, m) == n_in - 1)
@@ -584,7 +575,7 @@ def _out_fn(dg: tp.DependencyGraph, m: nn.Module) -> Any:
 def _role(dg: tp.DependencyGraph, item: Any) -> str:
     """``producer`` / ``reader`` / ``channelwise`` (BN, depthwise conv) / ``other``."""
     m = item.dep.target.module
-    if isinstance(m, BATCH_NORM_TYPES) or _is_depthwise(m):
+    if isinstance(m, BATCH_NORM_TYPES) or is_depthwise(m):
         return "channelwise"
     if isinstance(m, COMPACTABLE_TYPES):
         return "producer" if dg.is_out_channel_pruning_fn(item.dep.handler) else "reader"
@@ -903,7 +894,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
         if tuple(w.shape[2:]) != tuple(m.weight.shape[2:]):
             raise ModelFileError(f"'{name}.weight' has kernel {tuple(w.shape[2:])}, the architecture {tuple(m.weight.shape[2:])}")
         out_c = w.shape[0]
-        if _is_depthwise(m):
+        if is_depthwise(m):
             if w.shape[1] != 1:
                 raise ModelFileError(f"'{name}.weight' has shape {tuple(w.shape)}; a depthwise conv needs (C, 1, ...)")
             groups, in_c = out_c, out_c

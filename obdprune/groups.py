@@ -30,7 +30,7 @@ from obdprune.autograd_ops import CHANNELWISE_UNARY_OPS, SPATIAL_REDUCE_OPS, op_
 from obdprune.compact import find_dead_units
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
-from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, prunable_layers
+from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, is_depthwise, is_grouped, prunable_layers
 from obdprune.masking import MaskSet, Scope, prunable_weights
 
 __all__ = [
@@ -268,25 +268,16 @@ _VIEW_OPS = ("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "Sque
              "PermuteBackward", "CloneBackward")
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    """A grouped convolution whose channels are not one per group (not depthwise)."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
-
-
 def _channel_blocks(items: Sequence[Any], channels: int, names: Mapping[Any, str], dg: tp.DependencyGraph) -> int:
     """Channels per unit: the least common multiple of the ``groups`` of the grouped convs that produce or
     read the group's channels (1 when there are none)."""
     blocks = 1
     for it in items:
         m = it.dep.target.module
-        if _is_grouped(m):
+        if is_grouped(m):
             blocks = math.lcm(blocks, m.groups)
     if channels % blocks:
-        name = next(names[it.dep.target.module] for it in items if _is_grouped(it.dep.target.module))
+        name = next(names[it.dep.target.module] for it in items if is_grouped(it.dep.target.module))
         raise _Excluded(Exclusion.UNSUPPORTED, f"grouped convolution {name!r}: its groups do not divide the "
                                                f"{channels} channels tied to it")
     return blocks
@@ -339,7 +330,7 @@ def _coupled_group(graph: ChannelGraph, root: nn.Module, names: Mapping[Any, str
             if cut is not None:
                 raise _Excluded(Exclusion.UNSUPPORTED, cut.describe())
             m = it.dep.target.module
-            if _is_depthwise(m) and not dg.module2node[m].inputs:
+            if is_depthwise(m) and not dg.module2node[m].inputs:
                 raise _Excluded(Exclusion.UNSUPPORTED, f"depthwise conv {names[m]!r} reads channels no layer "
                                                        f"produces (the network input, or channels after a reshape)")
         blocks = _channel_blocks(items, channels, names, dg)
@@ -356,7 +347,7 @@ def _coupled_group(graph: ChannelGraph, root: nn.Module, names: Mapping[Any, str
                 if set(to_item) != set(range(channels)) and isinstance(m, (*PRUNABLE_TYPES, *BATCH_NORM_TYPES)):
                     raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
                 unit_idxs = [[to_item[i + j * units] for j in range(blocks)] for i in range(units)]
-                if _is_grouped(m):
+                if is_grouped(m):
                     _check_grouped(m, names[m], unit_idxs, out)
             if m is root:
                 continue
