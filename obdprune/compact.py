@@ -15,9 +15,13 @@ How deadness is decided (per channel ``c`` of a Torch-Pruning group, i.e. the se
 that must be removed together -- a conv output, its BatchNorm, every tensor added to it in a
 residual sum, and the matching inputs of every layer that reads it):
 
-1. every node of the group must be an op whose channel structure we understand (conv, linear,
-   batch norm, channel-wise activations/pooling, flatten, add/mul of aligned tensors, cat on dim
-   1); otherwise no channel of the group is removed;
+1. every node of the group must be an op whose channel structure we understand (conv, linear --
+   on (N, features) or a channels-last (N, *, features) input --, batch norm, channel-wise
+   activations/pooling, flatten, add/mul of aligned tensors, cat on dim 1); otherwise no channel of
+   the group is removed. Each node's channel dim is tracked (1 after a conv, the last after a
+   Linear, moved by a permute), and an op that expects the channels elsewhere stops the group. The
+   graph is built by :func:`obdprune.channel_graph.build_graph`, cut at ops that move channels to
+   other positions (a channel shuffle): the tensor before the cut counts as a model output;
 2. no tensor of the group may be a model output (its units are never removed);
 3. for every layer that reads channel ``c`` (consumer conv/linear, after Flatten ``c`` becomes
    H*W consecutive inputs), each input position either has all-zero weights in the consumer or
@@ -55,8 +59,9 @@ from torch_pruning import ops as tp_ops
 
 from obdprune.autograd_ops import (BINARY_OPS, CHANNELWISE_UNARY_OPS, CONST_PRESERVING_OPS, SHAPE_OPS,
                                    SPATIAL_REDUCE_OPS, normalized_dims, op_name, reduces_only_spatial_dims)
+from obdprune.channel_graph import GraphFailure, build_graph
 from obdprune.errors import ModelFileError, UsageError
-from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES
+from obdprune.layers import BATCH_NORM_TYPES, COMPACTABLE_TYPES, CONV_TYPES, is_depthwise, is_grouped
 
 __all__ = ["find_dead_units", "compact", "resize_to_state_dict", "count_units"]
 
@@ -92,15 +97,6 @@ def _autograd_ready(example_inputs: Any) -> Any:
     return example_inputs
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    """A grouped convolution whose input and output channels are separate (not depthwise)."""
-    return isinstance(m, CONV_TYPES) and m.groups > 1 and not _is_depthwise(m)
-
-
 def _reads_input(m: nn.Module) -> torch.Tensor:
     """(in_channels,) bool: input channels some nonzero weight of the Conv/Linear ``m`` reads."""
     w = m.weight.detach()
@@ -128,7 +124,7 @@ def _equal_groups(dg: tp.DependencyGraph, items: list[Any], dead: torch.Tensor) 
         changed = False
         for it in items:
             m = it.dep.target.module
-            if not _is_grouped(m):
+            if not is_grouped(m):
                 continue
             out = dg.is_out_channel_pruning_fn(it.dep.handler)
             n = m.out_channels if out else m.in_channels
@@ -179,7 +175,9 @@ class _Trace:
     module_in_shape: dict[nn.Module, tuple[int, ...]]
     reused: set[nn.Module]
     output_gfs: set[Any]
+    inside: dict[Any, str]  # ops a Linear runs on an (N, *, features) input
     consts: dict[Any, torch.Tensor | None] = field(default_factory=dict)  # node -> channel consts
+    axes: dict[Any, int | None] = field(default_factory=dict)  # node -> dim of its output that holds the channels
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
@@ -195,6 +193,7 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
         )
 
     def forward_fn(m: nn.Module, inputs: Any) -> Any:
+        calls.clear()
         handles = [
             sub.register_forward_hook(hook)
             for sub in m.modules()
@@ -212,10 +211,11 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
         p.requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=_autograd_ready(example_inputs), forward_fn=forward_fn, verbose=False
-        )
+        graph = build_graph(model, _autograd_ready(example_inputs), forward_fn)
+        dg = graph.dg
         outputs = [t for t in _flatten_tensors(kept["out"]) if t.grad_fn is not None]
+        # the tensors before a cut of the graph (a channel shuffle) count as outputs: their channels stay
+        outputs += graph.cut_inputs
         gf2node = {node.grad_fn: node for node in dg.module2node.values()}
         shapes: dict[Any, tuple[int, ...]] = {}
         handles = []
@@ -244,7 +244,7 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
     module_input = {m: c[0][0] for m, c in calls.items()}
     module_in_shape = {m: c[0][1] for m, c in calls.items()}
     reused = {m for m, c in calls.items() if len(c) > 1}
-    return _Trace(
+    tr = _Trace(
         dg=dg,
         gf2node=gf2node,
         shapes=shapes,
@@ -252,7 +252,75 @@ def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
         module_in_shape=module_in_shape,
         reused=reused,
         output_gfs={o.grad_fn for o in outputs},
+        inside=graph.inside,
     )
+    _find_axes(tr)
+    return tr
+
+
+def _find_axes(tr: _Trace) -> None:
+    """Fill ``tr.axes``: the dim of each node's output that holds the channels its producers number (1 for
+    a conv or BatchNorm, the last for a Linear, moved by a permute), None where it is not known (after a
+    norm, a pooling of another layout, operands that disagree). Iterative post-order over the operands."""
+    for start in tr.gf2node.values():
+        stack = [(start, False)]
+        while stack:
+            n, ready = stack.pop()
+            if n in tr.axes:
+                continue
+            deps = [o for o in _operands(tr, n) if o is not None] if _is_function_op(n) else []
+            if not ready:
+                stack.append((n, True))
+                stack.extend((d, False) for d in deps if d not in tr.axes)
+                continue
+            tr.axes[n] = _axis_rule(tr, n, [tr.axes.get(d) for d in deps])
+
+
+def _axis_rule(tr: _Trace, node: Any, operand_axes: list[int | None]) -> int | None:
+    shape = _shape_of(tr, node)
+    if shape is None or len(shape) < 2:
+        return None
+    t, m = node.type, node.module
+    if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV, tp_ops.OPTYPE.BN):
+        return 1
+    if t == tp_ops.OPTYPE.LINEAR:
+        return len(shape) - 1
+    if not _is_function_op(node) or not operand_axes or None in operand_axes or len(set(operand_axes)) != 1:
+        return None
+    axis, gf = operand_axes[0], node.grad_fn
+    name = op_name(gf)
+    if name == "PermuteBackward":
+        perm = [normalized_dims([d], len(shape)).pop() for d in gf._saved_dims]
+        return perm.index(axis) if axis in perm else None
+    if t in (tp_ops.OPTYPE.CONCAT, tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.RESHAPE) or name.startswith(SHAPE_OPS) or (
+            gf is not None and gf.name() in SPATIAL_REDUCE_OPS) or "Pool" in name or "Upsample" in name:
+        return 1 if axis == 1 else None  # ops that find the channels at dim 1
+    first = next(o for o in _operands(tr, node) if o is not None)
+    return axis if len(shape) == len(_shape_of(tr, first) or ()) else None  # pointwise ops keep the layout
+
+
+_FUNCTION_OPS = tuple(getattr(tp_ops, n) for n in ("_ConcatOp", "_SplitOp", "_UnbindOp", "_ReshapeOp", "_SliceOp",
+                                                    "_OutputOp", "_ElementWiseOp", "_ExpandOp") if hasattr(tp_ops, n))
+
+
+def _is_function_op(node: Any) -> bool:
+    """Whether the graph node is an autograd op rather than a layer (module)."""
+    return isinstance(node.module, _FUNCTION_OPS)
+
+
+def _width(tr: _Trace, node: Any) -> int | None:
+    """Channels of ``node``'s output (the size of its channel dim), None when unknown."""
+    axis, shape = tr.axes.get(node), _shape_of(tr, node)
+    return shape[axis] if axis is not None and shape is not None else None
+
+
+def _input_axis(tr: _Trace, m: nn.Module) -> int | None:
+    """The channel dim of the input of module ``m`` (1 for the network input)."""
+    gf = tr.module_input.get(m)
+    if gf is None:
+        return 1
+    node = tr.gf2node.get(gf)
+    return tr.axes.get(node) if node is not None else None
 
 
 def _operands(tr: _Trace, node: Any) -> list[Any]:
@@ -262,10 +330,6 @@ def _operands(tr: _Trace, node: Any) -> list[Any]:
     if gf is None or not hasattr(gf, "next_functions"):
         return []
     return [tr.gf2node.get(f) if f is not None else None for f, _ in gf.next_functions]
-
-
-def _channels(shape: tuple[int, ...] | None) -> int | None:
-    return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
 def _shape_of(tr: _Trace, node: Any) -> tuple[int, ...] | None:
@@ -308,21 +372,29 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
     m = node.module
     if isinstance(m, nn.Module) and m in tr.reused:
         return False
+    if node.grad_fn in tr.inside:
+        return True  # the Linear it belongs to is checked as a node of its own
     t = node.type
     if t in (tp_ops.OPTYPE.CONV, tp_ops.OPTYPE.DEPTHWISE_CONV):
-        return isinstance(m, CONV_TYPES)  # not transposed convs
-    if t == tp_ops.OPTYPE.LINEAR:
-        return len(tr.module_in_shape.get(m, ())) == 2
+        if not isinstance(m, CONV_TYPES):
+            return False  # not transposed convs
+        if is_depthwise(m) and not reader and not node.inputs:
+            return False  # its input channels come from no layer (the network input, a channel shuffle)
+        return _input_axis(tr, m) == 1 or not (reader or is_depthwise(m))
+    if t == tp_ops.OPTYPE.LINEAR:  # on (N, features) or channels-last (N, *, features) inputs
+        n_in = len(tr.module_in_shape.get(m, ()))
+        return n_in >= 2 and (not reader or _input_axis(tr, m) == n_in - 1)
     if t == tp_ops.OPTYPE.BN:
-        return True
+        return _input_axis(tr, m) == 1
     if t == tp_ops.OPTYPE.RESHAPE:
-        return _shape_op_kind(tr, node) is not None
+        return _shape_op_kind(tr, node) is not None and tr.axes.get(node) == 1
     if t == tp_ops.OPTYPE.CONCAT:
         gf = node.grad_fn
         s = _shape_of(tr, node)
         ops_ = _operands(tr, node)
         return (
             s is not None
+            and tr.axes.get(node) == 1
             and hasattr(gf, "_saved_dim")
             and normalized_dims([gf._saved_dim], len(s)) == {1}
             and all(o is not None for o in ops_)
@@ -335,14 +407,14 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
     if name == "TBackward" and not node.inputs:
         return True  # the transposed weight of a Linear
     if name in CHANNELWISE_UNARY_OPS:
-        return len([o for o in _operands(tr, node) if o is not None]) == 1
+        return len([o for o in _operands(tr, node) if o is not None]) == 1 and tr.axes.get(node) is not None
     if name.startswith(SHAPE_OPS):
-        return _shape_op_kind(tr, node) is not None
+        return _shape_op_kind(tr, node) is not None and tr.axes.get(node) == 1
     if full in SPATIAL_REDUCE_OPS:
-        return reduces_only_spatial_dims(gf)
+        return reduces_only_spatial_dims(gf) and tr.axes.get(node) == 1
     if full in BINARY_OPS:
         ops_ = _operands(tr, node)
-        c_out = _channels(_shape_of(tr, node))
+        c_out = _width(tr, node)
         if c_out is None:
             return False
         for i, o in enumerate(ops_):
@@ -351,7 +423,7 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
                     return False
                 if _scalar_operand(gf, i) is None:
                     return False
-            elif _channels(_shape_of(tr, o)) != c_out:
+            elif _width(tr, o) != c_out:
                 return False
         return True
     return False
@@ -363,11 +435,13 @@ def _node_ok(tr: _Trace, node: Any, reader: bool = False) -> bool:
 
 
 def _input_zero(tr: _Trace, module: nn.Module, length: int) -> torch.Tensor:
-    """Bool (length,): True where the input channel of ``module`` is identically zero."""
+    """Bool (length,): True where the input channel of ``module`` (along the dim it reads: 1 for a conv or
+    BatchNorm, the last for a Linear) is identically zero."""
     gf = tr.module_input.get(module)
     node = tr.gf2node.get(gf) if gf is not None else None
     const = _const(tr, node) if node is not None else None
-    if const is None or const.numel() != length:
+    reads = len(tr.module_in_shape.get(module, ())) - 1 if isinstance(module, nn.Linear) else 1
+    if const is None or const.numel() != length or tr.axes.get(node) != reads:
         return torch.zeros(length, dtype=torch.bool)
     return const == 0
 
@@ -405,7 +479,7 @@ def _zero_only(v: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
-    c = _channels(_shape_of(tr, node))
+    c = _width(tr, node)
     if c is None:
         return None
     unknown = torch.full((c,), math.nan, dtype=torch.float64)
@@ -444,7 +518,7 @@ def _compute_const(tr: _Trace, node: Any) -> torch.Tensor | None:
             return unknown
         parts = []
         for o, v in zip(ops_, ins):
-            ch = _channels(_shape_of(tr, o))
+            ch = _width(tr, o)
             if ch is None:
                 return unknown
             parts.append(v if v is not None and v.numel() == ch else torch.full((ch,), math.nan, dtype=torch.float64))
@@ -501,7 +575,7 @@ def _out_fn(dg: tp.DependencyGraph, m: nn.Module) -> Any:
 def _role(dg: tp.DependencyGraph, item: Any) -> str:
     """``producer`` / ``reader`` / ``channelwise`` (BN, depthwise conv) / ``other``."""
     m = item.dep.target.module
-    if isinstance(m, BATCH_NORM_TYPES) or _is_depthwise(m):
+    if isinstance(m, BATCH_NORM_TYPES) or is_depthwise(m):
         return "channelwise"
     if isinstance(m, COMPACTABLE_TYPES):
         return "producer" if dg.is_out_channel_pruning_fn(item.dep.handler) else "reader"
@@ -529,9 +603,13 @@ def _analyse_groups(model: nn.Module, example_inputs: Any) -> tuple[_Trace, list
         if m in covered or m not in dg.module2node:
             continue
         n = _n_out(m)
-        with torch.enable_grad():
-            group = dg.get_pruning_group(m, _out_fn(dg, m), list(range(n)))
-        items = list(group.items)
+        try:
+            with torch.enable_grad():
+                items = list(dg.get_pruning_group(m, _out_fn(dg, m), list(range(n))).items)
+        except Exception:  # the graph library cannot map this layer's channels: it keeps them
+            covered.add(m)
+            groups.append(_Group(root=m, items=[], ok=False, dead=torch.zeros(n, dtype=torch.bool), dg=dg))
+            continue
         for it in items:
             if _role(dg, it) in ("producer", "channelwise"):
                 covered.add(it.dep.target.module)
@@ -631,9 +709,13 @@ def find_dead_units(model: nn.Module, example_inputs: Any) -> dict[str, torch.Te
     Returns ``{dotted module name: bool tensor of shape (out_units,)}``, True where the unit can
     be removed without changing the model's function (see the module docstring), including
     units that only become dead once other dead units are gone. ``model`` is not modified.
-    Units feeding the model's outputs are never dead.
+    Units feeding the model's outputs are never dead, nor any unit of a model whose channel graph
+    cannot be built (:class:`~obdprune.channel_graph.GraphFailure`).
     """
-    return _find_dead(model, example_inputs)[0]
+    try:
+        return _find_dead(model, example_inputs)[0]
+    except GraphFailure:
+        return {n: torch.zeros(_n_out(m), dtype=torch.bool) for n, m in _compactable_layers(model)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,12 +791,7 @@ def _apply(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int
         warnings.simplefilter("ignore")
         for p in model.parameters():
             p.requires_grad_(True)
-        dg = tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=_autograd_ready(_first_sample(example_inputs)),
-            forward_fn=lambda m, x: _call(m, x),
-            verbose=False,
-        )
+        dg = build_graph(model, _autograd_ready(_first_sample(example_inputs)), _call).dg
         groups = []
         for name, idxs in plan:
             m = modules[name]
@@ -722,6 +799,17 @@ def _apply(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int
         for g in groups:
             g.prune()
     model.train(was_training)
+
+
+def _applied(model: nn.Module, example_inputs: Any, plan: list[tuple[str, list[int]]]) -> nn.Module | None:
+    """A copy of ``model`` (eval mode) with the planned channels removed, or None when the graph library
+    fails to remove them."""
+    candidate = copy.deepcopy(model)
+    try:
+        _apply(candidate, example_inputs, plan)
+    except Exception:
+        return None
+    return candidate.eval()
 
 
 @torch.inference_mode(False)
@@ -749,22 +837,22 @@ def compact(
     current = copy.deepcopy(model).eval()
     refused: set[tuple[str, tuple[int, ...]]] = set()
     for _ in range(max_rounds):
-        plan = [step for step in _plan(current, example_inputs) if (step[0], tuple(step[1])) not in refused]
+        try:
+            plan = [step for step in _plan(current, example_inputs) if (step[0], tuple(step[1])) not in refused]
+        except GraphFailure as e:
+            warnings.warn(f"compact: nothing removed: {e}", RuntimeWarning, stacklevel=2)
+            break
         if not plan:
             break
-        candidate = copy.deepcopy(current)
-        _apply(candidate, example_inputs, plan)
-        candidate.eval()
-        if _max_output_diff(reference, candidate, checks) <= atol:
+        candidate = _applied(current, example_inputs, plan)
+        if candidate is not None and _max_output_diff(reference, candidate, checks) <= atol:
             current = candidate
             continue
         # Something in the graph is not what the analysis assumed: apply groups one by one.
         applied = False
         for step in plan:
-            candidate = copy.deepcopy(current)
-            _apply(candidate, example_inputs, [step])
-            candidate.eval()
-            diff = _max_output_diff(reference, candidate, checks)
+            candidate = _applied(current, example_inputs, [step])
+            diff = math.inf if candidate is None else _max_output_diff(reference, candidate, checks)
             if diff <= atol:
                 current, applied = candidate, True
             else:
@@ -806,7 +894,7 @@ def _resized(name: str, m: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Modu
         if tuple(w.shape[2:]) != tuple(m.weight.shape[2:]):
             raise ModelFileError(f"'{name}.weight' has kernel {tuple(w.shape[2:])}, the architecture {tuple(m.weight.shape[2:])}")
         out_c = w.shape[0]
-        if _is_depthwise(m):
+        if is_depthwise(m):
             if w.shape[1] != 1:
                 raise ModelFileError(f"'{name}.weight' has shape {tuple(w.shape)}; a depthwise conv needs (C, 1, ...)")
             groups, in_c = out_c, out_c

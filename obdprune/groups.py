@@ -25,11 +25,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from obdprune.channel_graph import ChannelGraph, GraphFailure, build_graph, failing_node
 from obdprune.autograd_ops import CHANNELWISE_UNARY_OPS, SPATIAL_REDUCE_OPS, op_name, reduces_only_spatial_dims
 from obdprune.compact import find_dead_units
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
-from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, prunable_layers
+from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, is_depthwise, is_grouped, prunable_layers
 from obdprune.masking import MaskSet, Scope, prunable_weights
 
 __all__ = [
@@ -217,12 +218,14 @@ def _op_label(m: Any) -> str:
     return str(gf).rstrip("0123456789") if gf is not None else type(m).__name__.strip("_")
 
 
-def _check_op(item: Any, names: Mapping[Any, str]) -> str | None:
+def _check_op(item: Any, names: Mapping[Any, str], graph: ChannelGraph) -> str | None:
     """Raise :class:`_Excluded` unless the group item is an op that carries a zero channel as zero
     (or, for a sum, tells that the sum has an operand no layer produces: the network input). Returns the
     op's name when it maps 0 to something else (a sigmoid): whether the unit is still removable depends
     on what follows (a product with a zero channel), which :func:`_probe_dead` checks."""
     m = item.dep.target.module
+    if item.dep.target.grad_fn in graph.inside:
+        return  # an op a Linear runs on an (N, *, features) input
     if isinstance(m, tp.ops._ElementWiseOp):
         full = str(m._grad_fn)  # Torch-Pruning keeps the autograd node's name
         name = op_name(full)
@@ -242,33 +245,27 @@ def _check_op(item: Any, names: Mapping[Any, str]) -> str | None:
         if name in ("MulBackward", "DivBackward") or name in CHANNELWISE_UNARY_OPS or name.startswith(_VIEW_OPS):
             return None
         if name in ("NativeLayerNormBackward", "NativeGroupNormBackward"):
-            raise _Excluded(Exclusion.UNSUPPORTED, f"{name[6:-8]} normalizes across channels")
+            where = graph.op_modules.get(item.dep.target.grad_fn)
+            raise _Excluded(Exclusion.UNSUPPORTED, _normalizes_channels(name[6:-8] + (f" in {where!r}" if where else "")))
         raise _Excluded(Exclusion.UNSUPPORTED, name)
     if isinstance(m, (tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp)):
         return
     if isinstance(m, tp.ops._OutputOp):
         raise _Excluded(Exclusion.OUTPUT, "its channels are a model output")
     if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
-        raise _Excluded(Exclusion.UNSUPPORTED, f"{type(m).__name__} {names.get(m, '?')!r} normalizes across channels")
+        raise _Excluded(Exclusion.UNSUPPORTED, _normalizes_channels(f"{type(m).__name__} {names.get(m, '?')!r}"))
     if isinstance(m, nn.Parameter):
         raise _Excluded(Exclusion.UNSUPPORTED, "a parameter used outside a module (e.g. a layer scale)")
     raise _Excluded(Exclusion.UNSUPPORTED, _op_label(m))
 
 
+def _normalizes_channels(norm: str) -> str:
+    return (f"{norm} normalizes across channels: removing a channel changes the mean and variance that "
+            f"normalize the others")
+
+
 _VIEW_OPS = ("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "SqueezeBackward", "UnsqueezeBackward",
              "PermuteBackward", "CloneBackward")
-
-
-def _layer_problem(m: nn.Module, name: str, in_dims: Mapping[str, int]) -> str | None:
-    """Why the channels of this Conv/Linear layer cannot be removed at all, or None."""
-    if isinstance(m, nn.Linear) and in_dims.get(name, 2) != 2:
-        return f"Linear {name!r} on a {in_dims[name]}-D input (only (N, features) inputs are compacted)"
-    return None
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    """A grouped convolution whose channels are not one per group (not depthwise)."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
 
 
 def _channel_blocks(items: Sequence[Any], channels: int, names: Mapping[Any, str], dg: tp.DependencyGraph) -> int:
@@ -277,10 +274,10 @@ def _channel_blocks(items: Sequence[Any], channels: int, names: Mapping[Any, str
     blocks = 1
     for it in items:
         m = it.dep.target.module
-        if _is_grouped(m):
+        if is_grouped(m):
             blocks = math.lcm(blocks, m.groups)
     if channels % blocks:
-        name = next(names[it.dep.target.module] for it in items if _is_grouped(it.dep.target.module))
+        name = next(names[it.dep.target.module] for it in items if is_grouped(it.dep.target.module))
         raise _Excluded(Exclusion.UNSUPPORTED, f"grouped convolution {name!r}: its groups do not divide the "
                                                f"{channels} channels tied to it")
     return blocks
@@ -304,22 +301,22 @@ def _check_grouped(m: nn.Conv2d, name: str, unit_idxs: Sequence[Sequence[int]], 
                                                    f"does not take {what} from each group")
 
 
-def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, str], at_output: set[str],
-                   in_dims: Mapping[str, int]) -> tuple[UnitLayer, list[str], list[str]]:
+def _coupled_group(graph: ChannelGraph, root: nn.Module, names: Mapping[Any, str],
+                   at_output: set[str]) -> tuple[UnitLayer, list[str], list[str]]:
     """The unit group rooted at ``root`` and the Conv/Linear layers whose outputs it covers; raises
     :class:`_Excluded` (with those layers in ``layers``) when its units cannot be removed exactly."""
+    dg = graph.dg
     channels = root.weight.shape[0]
-    problem = _layer_problem(root, names[root], in_dims)
-    if problem is not None:
-        raise _excluded_with(Exclusion.UNSUPPORTED, problem, [names[root]])
     try:
         with torch.enable_grad():
             items = list(dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
                                               list(range(channels))).items)
-    except Exception as e:  # the graph library's index mapping (e.g. a channel shuffle)
-        err = _Excluded(Exclusion.UNSUPPORTED, f"the channel graph library fails on it ({type(e).__name__})")
-        err.layers = [names[root]]
-        raise err from None
+    except Exception as e:  # the graph library's index mapping
+        node = failing_node(e)
+        at = f" at {node.grad_fn.name() if getattr(node, 'grad_fn', None) is not None else names.get(node.module, '?')}" \
+            if node is not None else ""
+        raise _excluded_with(Exclusion.UNSUPPORTED, f"the channel graph library fails{at} ({type(e).__name__}: {e})",
+                             [names[root]]) from None
     producers: list[str] = []
     for it in items:
         m = it.dep.target.module
@@ -328,6 +325,14 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
     producers = list(dict.fromkeys(producers))
     root_name = names[root]
     try:
+        for it in items:
+            cut = graph.cuts.get(it.dep.target.grad_fn)
+            if cut is not None:
+                raise _Excluded(Exclusion.UNSUPPORTED, cut.describe())
+            m = it.dep.target.module
+            if is_depthwise(m) and not dg.module2node[m].inputs:
+                raise _Excluded(Exclusion.UNSUPPORTED, f"depthwise conv {names[m]!r} reads channels no layer "
+                                                       f"produces (the network input, or channels after a reshape)")
         blocks = _channel_blocks(items, channels, names, dg)
         units = channels // blocks
         own, coupled, readers, bn_taken, nonzero_ops = [f"{root_name}.weight"], [], [], False, []
@@ -342,15 +347,12 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
                 if set(to_item) != set(range(channels)) and isinstance(m, (*PRUNABLE_TYPES, *BATCH_NORM_TYPES)):
                     raise _Excluded(Exclusion.UNSUPPORTED, "a reshape of the channels (a channel shuffle?)")
                 unit_idxs = [[to_item[i + j * units] for j in range(blocks)] for i in range(units)]
-                if _is_grouped(m):
+                if is_grouped(m):
                     _check_grouped(m, names[m], unit_idxs, out)
             if m is root:
                 continue
             if isinstance(m, PRUNABLE_TYPES):
                 name = names[m]
-                problem = _layer_problem(m, name, in_dims)
-                if problem is not None:
-                    raise _Excluded(Exclusion.UNSUPPORTED, problem)
                 if not out:
                     n_in = m.weight.shape[1] * getattr(m, "groups", 1)
                     if len(idxs) % units or max(idxs) >= n_in:
@@ -373,7 +375,7 @@ def _coupled_group(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[Any, 
                     seen.update(own)
                     continue
             else:
-                op = _check_op(it, names)
+                op = _check_op(it, names, graph)
                 if op is not None:
                     nonzero_ops.append(op)
                 continue
@@ -436,11 +438,16 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
     concatenation (and the BatchNorms that normalize them), a depthwise conv's input and output
     channel. Where a grouped conv (``groups`` = g) produces or reads the channels, a unit is the same
     position in each of its g groups (:attr:`UnitLayer.blocks` channels), so the conv keeps equal groups.
-    A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they feed a model
-    output, a sum with the network input, when a layer or op on the way is one whose channels cannot
-    be removed alone (a norm across channels, a non-affine BatchNorm, a reshape of the channels, a
-    grouped conv whose groups the channels do not split into evenly, a layer called twice), when
-    nothing reads them, or when the user keeps them.
+    A Linear on a channels-last (N, *, features) input (ConvNeXt's MLP after a permute) has units like
+    one on (N, features). A layer has no units (and :attr:`UnitAnalysis.excluded` says why) when they
+    feed a model output, a sum with the network input, when a layer or op on the way is one whose
+    channels cannot be removed alone (a norm across channels, a non-affine BatchNorm, a grouped conv
+    whose groups the channels do not split into evenly, a depthwise conv on channels no layer produces,
+    a layer called twice), when they reach an op that moves channels to other positions (a channel
+    shuffle, a pixel shuffle, a reshape of the channel dim: the graph is cut there, see
+    :mod:`obdprune.channel_graph`, and only the channels before the op keep their units), when nothing
+    reads them, or when the user keeps them. Where the channel graph library (Torch-Pruning) fails on
+    an op, the graph is cut at that op and the reason names it; nothing it raises escapes.
 
     Example:
         >>> from obdprune.models.cnn import resnet20
@@ -454,12 +461,10 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
     names = {m: n for n, m in scratch.named_modules()}
     protected = _protected(scratch, keep)
     calls: dict[str, int] = {}
-    in_dims: dict[str, int] = {}
     layer_gfs: dict[Any, str] = {}
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         calls[names[mod]] = calls.get(names[mod], 0) + 1
-        in_dims[names[mod]] = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 0
         layer_gfs[out.grad_fn] = names[mod]
 
     layers = prunable_layers(scratch)
@@ -473,10 +478,10 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
             for h in handles:
                 h.remove()
         try:
-            dg = tp.DependencyGraph().build_dependency(scratch, example_inputs=x, verbose=False)
-        except Exception as e:  # the graph library cannot trace this model at all
-            why = (Exclusion.UNSUPPORTED, f"the channel graph library fails on this model ({type(e).__name__}: {e})")
-            return UnitAnalysis((), {n: why for n, _ in layers})
+            graph = build_graph(scratch, x)
+        except GraphFailure as e:  # the graph library cannot trace this model at all
+            return UnitAnalysis((), {n: (Exclusion.UNSUPPORTED, str(e)) for n, _ in layers})
+    dg = graph.dg
     outputs = [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
     at_output = _layer_outputs_feeding_model_outputs(outputs, layer_gfs)
 
@@ -491,7 +496,7 @@ def unit_analysis(model: nn.Module, example_inputs: torch.Tensor, *, keep: Seque
             excluded[name] = (Exclusion.UNSUPPORTED, "not reached when the model runs")
             continue
         try:
-            group, producers, nonzero_ops[name] = _coupled_group(dg, m, names, at_output, in_dims)
+            group, producers, nonzero_ops[name] = _coupled_group(graph, m, names, at_output)
             covered.update(producers)
             shared = [p for p in group.layers if calls.get(p) != 1]
             if shared:

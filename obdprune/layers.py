@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["PRUNABLE_TYPES", "CONV_TYPES", "COMPACTABLE_TYPES", "BATCH_NORM_TYPES", "prunable_layers"]
+__all__ = ["PRUNABLE_TYPES", "CONV_TYPES", "COMPACTABLE_TYPES", "BATCH_NORM_TYPES", "prunable_layers", "is_depthwise",
+           "is_grouped"]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -30,3 +31,21 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ['0', '3']
     """
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution: one input and one output channel per group (``groups`` = in = out > 1).
+
+    >>> is_depthwise(nn.Conv2d(8, 8, 3, groups=8)), is_depthwise(nn.Conv2d(8, 8, 3, groups=2))
+    (True, False)
+    """
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution whose groups hold several channels (not depthwise).
+
+    >>> is_grouped(nn.Conv2d(8, 8, 3, groups=2)), is_grouped(nn.Conv2d(8, 8, 3, groups=8))
+    (True, False)
+    """
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and not is_depthwise(m)

@@ -139,3 +139,115 @@ BLOCK_NETS = {
     "layernorm-depthwise7": lambda: nn.Sequential(nn.Conv2d(3, 8, 2, 2), LayerNorm2d(8), ConvNeXtBlock(), ConvNeXtBlock(),
                                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)),
 }
+
+
+class ShuffleV2Unit(nn.Module):
+    """ShuffleNetV2 unit as torchvision writes it: stride 1 splits the channels with ``chunk`` and transforms
+    one half (1×1, depthwise 3×3, 1×1); stride 2 transforms the whole input twice (branch1: depthwise 3×3,
+    1×1; branch2 as above); the halves are concatenated and shuffled (view, transpose, view)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride, h = stride, cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                         _cbr(cin, h, 1))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(_cbr(cin if stride > 1 else h, h, 1),
+                                     nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                     _cbr(h, h, 1))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        n, c, hh, ww = out.size()
+        out = out.view(n, 2, c // 2, hh, ww)
+        return torch.transpose(out, 1, 2).contiguous().view(n, -1, hh, ww)
+
+
+class TinyShuffleNetV2(nn.Module):
+    """ShuffleNetV2's layout: stem, a stride-2 unit, two stride-1 units, a 1×1 conv5, global mean, fc."""
+
+    def __init__(self, stem: int = 8, c: int = 16, c5: int = 32) -> None:
+        super().__init__()
+        self.conv1 = _cbr(3, stem, 3)
+        self.stage2 = nn.Sequential(ShuffleV2Unit(stem, c, 2), ShuffleV2Unit(c, c, 1), ShuffleV2Unit(c, c, 1))
+        self.conv5 = _cbr(c, c5, 1)
+        self.fc = nn.Linear(c5, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage2(self.conv1(x))).mean([2, 3]))
+
+
+class Permute(nn.Module):
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class CNBlock(nn.Module):
+    """ConvNeXt block as torchvision writes it: depthwise 7×7, channels last, LayerNorm, Linear to 4C, GELU,
+    Linear to C, channels first, times a per-channel layer scale γ, identity sum."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), Permute([0, 2, 3, 1]), nn.LayerNorm(c),
+                                   nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.layer_scale * self.block(x)
+
+
+class TinyConvNeXt(nn.Module):
+    """ConvNeXt's layout: 4×4 stride-4 stem + LayerNorm2d, two blocks, downsample (LayerNorm2d, 2×2 stride-2 conv),
+    one block, global pool, head LayerNorm2d + flatten + Linear."""
+
+    def __init__(self, c1: int = 16, c2: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Sequential(nn.Conv2d(3, c1, 4, 4), LayerNorm2d(c1)), CNBlock(c1), CNBlock(c1),
+                                      nn.Sequential(LayerNorm2d(c1), nn.Conv2d(c1, c2, 2, 2)), CNBlock(c2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(LayerNorm2d(c2), nn.Flatten(1), nn.Linear(c2, 5))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+class Fire(nn.Module):
+    """SqueezeNet fire module: 1×1 squeeze, ReLU, then 1×1 and 3×3 expands (ReLU) concatenated on channels."""
+
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int) -> None:
+        super().__init__()
+        self.squeeze, self.squeeze_activation = nn.Conv2d(cin, squeeze, 1), nn.ReLU(inplace=True)
+        self.expand1x1, self.expand1x1_activation = nn.Conv2d(squeeze, e1, 1), nn.ReLU(inplace=True)
+        self.expand3x3, self.expand3x3_activation = nn.Conv2d(squeeze, e3, 3, padding=1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat([self.expand1x1_activation(self.expand1x1(x)), self.expand3x3_activation(self.expand3x3(x))], 1)
+
+
+def tiny_squeezenet() -> nn.Sequential:
+    """SqueezeNet 1.1's layout: conv + ReLU, ceil-mode max pools between fire modules, and a conv classifier
+    (Dropout, 1×1 conv to the classes, ReLU, global average pool, flatten)."""
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, ceil_mode=True),
+                      Fire(16, 4, 8, 8), Fire(16, 4, 8, 8), nn.MaxPool2d(3, 2, ceil_mode=True), Fire(16, 8, 16, 16)),
+        nn.Sequential(nn.Dropout(0.5), nn.Conv2d(32, 5, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1)),
+        nn.Flatten(1))
+
+
+FAMILY_NETS = {
+    "shufflenet-v2": TinyShuffleNetV2,
+    "convnext": TinyConvNeXt,
+    "squeezenet": tiny_squeezenet,
+}
+"""Tiny nets with the layout of whole families whose ops the channel graph library does not map by itself."""

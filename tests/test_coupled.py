@@ -23,17 +23,26 @@ from obdprune.saliency import group_saliency, obd_saliency
 from obdprune.selection import Budget, make_selector
 
 from conftest import randomize_batchnorm
-from coupled_nets import BLOCK_NETS
+from coupled_nets import BLOCK_NETS, FAMILY_NETS
 
 NETS = dict(BLOCK_NETS)
+NETS.update(FAMILY_NETS)
 NETS["resnet20"] = lambda: resnet20((3, 8, 8), 5, width=4)
 NETS["mobilenetv2-small"] = lambda: mobilenetv2_small((3, 8, 8), 5, width_mult=0.25)
 NETS["densenet-small"] = lambda: densenet_small((3, 8, 8), 5, growth=4, block_layers=(2, 2))
 
 # Layers that truly cannot lose units alone, and why (besides the classifier, an output layer everywhere).
+_SHUFFLE = "a channel shuffle or another reshape of the channels: view"
+_LAYERNORM = "normalizes across channels: removing a channel changes the mean and variance that normalize the others"
 NOT_REMOVABLE = {
-    "channel-shuffle": {n: "channel shuffle" for n in ("0.0", "1.branch.3.0", "2.branch.3.0")},
-    "layernorm-depthwise7": {n: "LayerNorm normalizes across channels" for n in ("0", "2.dw", "2.pw2", "3.dw", "3.pw2")},
+    "channel-shuffle": {n: _SHUFFLE for n in ("0.0", "1.branch.3.0", "2.branch.3.0")},
+    "layernorm-depthwise7": {n: _LAYERNORM for n in ("0", "2.dw", "2.pw2", "3.dw", "3.pw2")},
+    # the shuffled stream: what each unit's two halves write; the stem's channels go to a stride-2 unit only
+    "shufflenet-v2": {n: _SHUFFLE for n in ("stage2.0.branch1.2.0", "stage2.0.branch2.3.0", "stage2.1.branch2.3.0",
+                                            "stage2.2.branch2.3.0")},
+    # the stream every LayerNorm normalizes: stem, depthwise convs, the MLPs' second Linear, the downsampling conv
+    "convnext": {n: _LAYERNORM for n in ("features.0.0", "features.1.block.0", "features.1.block.5", "features.2.block.0",
+                                         "features.2.block.5", "features.3.1", "features.4.block.0", "features.4.block.5")},
 }
 # What the blocks that cannot be pruned through leave removable: less than half of the MACs.
 MAC_LIMIT_BELOW_HALF = {"channel-shuffle"}
@@ -117,7 +126,7 @@ def test_half_the_macs_then_compaction_is_exact_and_keeps_the_minimum(name):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small", "densenet-small", "squeeze-excitation",
-                                  "grouped-conv"])
+                                  "grouped-conv", *FAMILY_NETS])
 def test_compacted_coupled_models_export_to_onnx_with_parity(name, tmp_path):
     pytest.importorskip("onnxruntime")
     model, x = _net(name)
@@ -262,7 +271,7 @@ def test_pruner_step_beyond_the_limit_lists_every_layer_that_keeps_its_units():
     text = str(err.value)
     assert "would empty a layer" in text and "layers that cannot lose units:" in text
     assert "\n  5: output layer (its outputs are model outputs)" in text
-    assert "\n  1.branch.3.0: unsupported op (a reshape of the channels" in text
+    assert f"\n  1.branch.3.0: unsupported op ({_SHUFFLE} (1, 8, 8, 8) → (1, 2, 4, 8, 8) in '1')" in text
 
 
 def test_compare_summary_and_report_list_the_layers_that_keep_their_units(tmp_path):
@@ -300,3 +309,127 @@ def test_a_grouped_conv_whose_groups_read_different_layers_keeps_them_and_says_w
     why = "grouped convolution 'g' (groups=2): a unit does not take the same input channels from each group"
     assert analysis.excluded["a"] == analysis.excluded["b"] == (Exclusion.UNSUPPORTED, why)
     assert [(g.layer, g.blocks) for g in analysis.groups] == [("g", 2)]
+
+
+class _PermuteShuffle(nn.Module):
+    """A channel shuffle written with reshape and permute (einops style)."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, 2, c // 2, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("shuffle, op", [(nn.ChannelShuffle(2), "channel_shuffle (1, 8, 8, 8) → (1, 8, 8, 8) in '3'"),
+                                         (_PermuteShuffle(), "reshape (1, 8, 8, 8) → (1, 2, 4, 8, 8) in '3'"),
+                                         (nn.PixelShuffle(2), "pixel_shuffle (1, 8, 8, 8) → (1, 2, 16, 16) in '3'")])
+def test_an_op_that_moves_channels_keeps_the_units_before_it_and_names_itself(shuffle, op):
+    torch.manual_seed(0)
+    c_after = 2 if isinstance(shuffle, nn.PixelShuffle) else 8
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), shuffle, nn.Conv2d(c_after, 8, 1),
+                          nn.ReLU(), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    analysis = unit_analysis(model, x)
+    assert analysis.excluded["0"] == (Exclusion.UNSUPPORTED, f"a channel shuffle or another reshape of the channels: {op}")
+    assert [g.layer for g in analysis.groups] == ["4", "6"]  # the layers after it keep their units
+    selector = make_selector(model, x, granularity=Granularity.CHANNEL, budget=Budget.MACS, scope=Scope.GLOBAL,
+                             layer_floor=0.0, min_units=2)
+    selector.select(selector.scores(model), selector.limit(model), None, model).apply(model)
+    small = compact(model, x)
+    assert count_units(small) == {"0": 8, "4": 2, "6": 2, "9": 5}
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_a_depthwise_conv_on_the_shuffled_stream_keeps_its_channels_and_says_why():
+    from coupled_nets import ShuffleV2Unit
+
+    torch.manual_seed(0)  # a stride-2 unit after a shuffle: its branch1 depthwise conv reads the stream
+    model = nn.Sequential(_cbr_stem(), ShuffleV2Unit(8, 8, 1), ShuffleV2Unit(8, 16, 2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 5)).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 3, 8, 8)
+    analysis = unit_analysis(model, x)
+    assert analysis.excluded["2.branch1.0"] == (Exclusion.UNSUPPORTED, "depthwise conv '2.branch1.0' reads channels no "
+                                                "layer produces (the network input, or channels after a reshape)")
+    assert {"1.branch2.0.0", "2.branch2.0.0"} <= {g.layer for g in analysis.groups}
+    selector = make_selector(model, x, granularity=Granularity.CHANNEL, budget=Budget.MACS, scope=Scope.GLOBAL,
+                             layer_floor=0.0, min_units=2)
+    masks = selector.select(selector.scores(model), selector.limit(model), None, model)
+    masks.apply(model)
+    small = compact(model, x)
+    assert count_macs(small, x[:1]) == selector.macs(model, masks, x)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=0, atol=1e-5)
+
+
+def _cbr_stem() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_a_graph_library_failure_at_an_op_cuts_the_graph_there_and_names_the_op(monkeypatch):
+    import torch_pruning as tp
+    import torch_pruning.dependency.index_mapping as index_mapping
+
+    real = index_mapping.update_concat_index_mapping
+
+    def failing(graph, node):
+        if node.type == tp.ops.OPTYPE.CONCAT:
+            raise IndexError("index 8 is out of bounds for dimension 0 with size 8")
+        return real(graph, node)
+
+    monkeypatch.setattr(index_mapping, "update_concat_index_mapping", failing)
+    model, x = _net("squeezenet")
+    analysis = unit_analysis(model, x)
+    why = "the channel graph library fails there (IndexError: index 8 is out of bounds for dimension 0 with size 8)"
+    for fire, (c_in, c_out) in {"0.3": (4, 16), "0.4": (4, 16), "0.6": (2, 32)}.items():
+        for conv in ("expand1x1", "expand3x3"):  # the convs the failing concatenation reads
+            assert analysis.excluded[f"{fire}.{conv}"] == (
+                Exclusion.UNSUPPORTED, f"{why}: cat [{(1, c_out // 2, c_in, c_in)}, {(1, c_out // 2, c_in, c_in)}] → "
+                                       f"{(1, c_out, c_in, c_in)} in {fire!r}"), fire
+    assert [g.layer for g in analysis.groups] == ["0.0", "0.3.squeeze", "0.4.squeeze", "0.6.squeeze"]
+    selector = make_selector(model, x, granularity=Granularity.CHANNEL, budget=Budget.MACS, scope=Scope.GLOBAL,
+                             layer_floor=0.0, min_units=2)
+    masks = selector.select(selector.scores(model), selector.limit(model), None, model)
+    masks.apply(model)
+    small = compact(model, x)  # compaction cuts the graph at the same op
+    assert count_macs(small, x[:1]) == selector.macs(model, masks, x)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_a_graph_library_failure_on_one_layer_or_the_whole_model_is_a_reason_not_an_exception(monkeypatch):
+    import torch_pruning as tp
+
+    model, x = _net("squeezenet")
+    model[0][4].squeeze.fails = True  # kept by the copies the analysis and compaction trace
+    real = tp.DependencyGraph.get_pruning_group
+
+    def failing_group(self, module, fn, idxs):
+        if getattr(module, "fails", False):
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing_group)
+    analysis = unit_analysis(model, x)
+    assert analysis.excluded["0.4.squeeze"] == (
+        Exclusion.UNSUPPORTED, "the channel graph library fails (ZeroDivisionError: integer division or modulo by zero)")
+    assert len(analysis.groups) == 9  # every other layer but the classifier
+    selector = make_selector(model, x, granularity=Granularity.CHANNEL, budget=Budget.MACS, scope=Scope.GLOBAL,
+                             layer_floor=0.0, min_units=2)
+    selector.select(selector.scores(model), 0.5, None, model).apply(model)
+    small = compact(model, x)
+    assert count_units(small)["0.4.squeeze"] == 4
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=0, atol=1e-5)
+
+    def failing_build(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", failing_build)
+    analysis = unit_analysis(model, x)
+    why = (Exclusion.UNSUPPORTED, "the channel graph library fails at an unknown op (ZeroDivisionError: integer "
+                                  "division or modulo by zero)")
+    assert analysis.groups == () and set(analysis.excluded.values()) == {why} and len(analysis.excluded) == 11
+    with pytest.warns(RuntimeWarning, match="compact: nothing removed: the channel graph library fails"):
+        same = compact(model, x)
+    assert count_units(same) == count_units(model)

@@ -99,10 +99,11 @@ def test_docstring_examples_run() -> None:
     import doctest
 
     import obdprune.autograd_ops
+    import obdprune.channel_graph
     import obdprune.layers
     import obdprune.measure
 
-    for module in (obdprune.autograd_ops, obdprune.layers, obdprune.measure):
+    for module in (obdprune.autograd_ops, obdprune.channel_graph, obdprune.layers, obdprune.measure):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
