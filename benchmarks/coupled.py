@@ -98,6 +98,20 @@ def ort_time(model: nn.Module, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times)
 
 
+def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Markdown rows: accuracy mean ± std over seeds, mean params/MACs, median CPU-time ratios to dense."""
+    lines = [f"## {name}", "", "| variant | test acc % | params | MACs | ort b1 | ort b256 | torch b1 | torch b256 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        acc = r["acc"]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        lines.append(f"| {label} | {statistics.mean(acc):.2f} ± {sd:.2f} | {statistics.mean(r['params']):,.0f} | "
+                     f"{statistics.mean(r['macs']):,.0f} | " + " | ".join(
+                         f"{statistics.median(r[k]):.2f}×" for k in ("ort1", "ort256", "torch1", "torch256")) + " |")
+    lines.append("")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2-small"])
@@ -112,8 +126,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--importances", nargs="+", default=["magnitude", "taylor", "hessian"])
+    p.add_argument("--curvature-samples", type=int, default=512, help="GGN samples per obdprune round")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    started = time.time()
     torch.set_num_threads(1)
     data = load_dataset("fashion-mnist", train_limit=args.train_limit, test_limit=args.test_limit)
     shape = tuple(data.train.x.shape[1:])
@@ -136,7 +152,8 @@ def main() -> None:
                                          budget="macs", sparsity=target, example_inputs=data.train.x[:2],
                                          channel_multiple=8, reg_epochs=args.reg_epochs,
                                          finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
-                                         batch_size=args.batch_size, seed=seed, progress=False)
+                                         batch_size=args.batch_size, curvature_samples=args.curvature_samples,
+                                         seed=seed, progress=False)
                     variants[f"obdprune {method} {target}"] = res.compact()
                 for imp in args.importances:
                     log(f"{name} seed {seed}: Torch-Pruning {imp} {target}")
@@ -151,15 +168,10 @@ def main() -> None:
                              ("ort1", lambda m: ort_time(m, x1, args.reps)),
                              ("ort256", lambda m: ort_time(m, xb, max(3, args.reps // 5)))):
                     r.setdefault(k, []).append(f(model) / base[k])
-        lines += [f"## {name}", "", "| variant | test acc % | params | MACs | ort b1 | ort b256 | torch b1 | torch b256 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for label, r in rows.items():
-            acc = r["acc"]
-            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            lines.append(f"| {label} | {statistics.mean(acc):.2f} ± {sd:.2f} | {statistics.mean(r['params']):,.0f} | "
-                         f"{statistics.mean(r['macs']):,.0f} | " + " | ".join(
-                             f"{statistics.median(r[k]):.2f}×" for k in ("ort1", "ort256", "torch1", "torch256")) + " |")
-        lines.append("")
+            log(f"{name} seed {seed} done after {time.time() - started:.0f} s")
+            if args.out is not None:  # partial results survive an interrupted run
+                args.out.write_text("\n".join(lines + table(name, rows)) + "\n")
+        lines += table(name, rows)
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
