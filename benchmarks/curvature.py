@@ -174,7 +174,7 @@ def machine_line(threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: comparable on a shared machine)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method after one warm-up")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per method after one warm-up")
     parser.add_argument("--hutchinson-samples", type=int, default=10, help="Rademacher probes for Hutchinson")
     parser.add_argument("--slow-budget", type=float, default=4.0,
                         help="seconds per method for the timed repeats: slower methods get fewer repeats")
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                        help="methods to time (forward+backward, the baseline, is always timed)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curvature.md"))
     parser.add_argument("--_memory-child", nargs=3, metavar=("MODEL", "N", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,7 +202,8 @@ def main() -> None:
         for n in args.sizes:
             model, x, y = setup(model_name, n)
             fns, notes, reps = {}, {}, {}
-            for method in METHODS:
+            methods = [m for m in METHODS if m in args.methods or m == "forward+backward"]
+            for method in methods:
                 notes[method] = f"{args.hutchinson_samples} probes; " if method == "obdprune hutchinson" else ""
                 if method.startswith("torch-pruning") and n > args.tp_max_n:
                     notes[method] = (f"not run above N={args.tp_max_n} (--tp-max-n): its per-sample loop "
@@ -219,6 +222,12 @@ def main() -> None:
                 reps[method] = max(1, min(args.repeats, int(args.slow_budget / max(warm, 1e-9))))
             wall = {m: [] for m in fns}
             cpu = {m: [] for m in fns}
+            alone_wall, alone_cpu = [], []
+            for _ in range(args.repeats):  # the baseline on its own, before anything else runs in between
+                w0, c0 = time.perf_counter(), time.process_time()
+                fns["forward+backward"]()
+                alone_wall.append(time.perf_counter() - w0)
+                alone_cpu.append(time.process_time() - c0)
             for r in range(args.repeats):  # round-robin, so load from other processes hits all methods alike
                 for method, fn in fns.items():
                     if r < reps[method]:
@@ -228,7 +237,11 @@ def main() -> None:
                         cpu[method].append(time.process_time() - c0)
             base_wall = statistics.median(wall["forward+backward"])
             base_cpu = statistics.median(cpu["forward+backward"])
-            for method in METHODS:
+            rows.append((model_name, n, "forward+backward, alone", statistics.median(alone_wall),
+                         statistics.median(alone_wall) / base_wall, statistics.median(alone_cpu),
+                         statistics.median(alone_cpu) / base_cpu, None,
+                         f"{args.repeats} back-to-back calls before the round-robin"))
+            for method in methods:
                 if method in fns:
                     med_wall, med_cpu = statistics.median(wall[method]), statistics.median(cpu[method])
                     if reps[method] < args.repeats:
@@ -242,8 +255,9 @@ def main() -> None:
                 rows.append(row)
                 print(" | ".join("—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in row),
                       flush=True)
-            checks.append((model_name, n, max_relative_difference(fns["obdprune exact"](),
-                                                                  fns["backpack DiagGGNExact"]())))
+            if "obdprune exact" in fns and "backpack DiagGGNExact" in fns:
+                checks.append((model_name, n, max_relative_difference(fns["obdprune exact"](),
+                                                                      fns["backpack DiagGGNExact"]())))
 
     lines = [
         "# Curvature benchmark",
