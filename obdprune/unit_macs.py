@@ -118,6 +118,49 @@ def mac_model(model: nn.Module, example_inputs: torch.Tensor, groups: Sequence[U
     return MacModel(out, tuple(groups))
 
 
+class _Kept:
+    """The units each group of ``model`` keeps and the per-layer factors of :meth:`MacModel.macs`, so that
+    the MACs one removal saves cost time linear in the layers it touches (its group and their readers)
+    rather than in the whole model: greedy selection asks this of every group at every step."""
+
+    def __init__(self, model: MacModel, kept: Sequence[int]) -> None:
+        index = {lm.layer: j for j, lm in enumerate(model.layers)}
+        self.units = [g.units for g in model.groups]
+        self.kept = list(kept)
+        self.dense = [lm.macs for lm in model.layers]
+        self.in_features = [lm.in_features for lm in model.layers]
+        self.own = [[index[n] for n in g.layers] for g in model.groups]
+        self.readers = [[(index[r], span) for r, span in g.readers] for g in model.groups]
+        self.out_frac = [1.0] * len(model.layers)
+        self.in_removed = [0] * len(model.layers)
+        for i, k in enumerate(self.kept):
+            for j in self.own[i]:
+                self.out_frac[j] = k / self.units[i]
+            for j, span in self.readers[i]:
+                self.in_removed[j] += (self.units[i] - k) * span
+
+    def _macs(self, j: int, out_frac: float, in_removed: int) -> float:
+        return self.dense[j] * out_frac * (1.0 - in_removed / self.in_features[j])
+
+    def saved(self, i: int, block: int) -> float:
+        """MACs saved by removing ``block`` more units of group ``i``."""
+        k = self.kept[i] - block
+        after = {j: (k / self.units[i], self.in_removed[j]) for j in self.own[i]}
+        for j, span in self.readers[i]:
+            o, r = after.get(j, (self.out_frac[j], self.in_removed[j]))
+            after[j] = (o, r + block * span)
+        return sum(self._macs(j, self.out_frac[j], self.in_removed[j]) - self._macs(j, o, r)
+                   for j, (o, r) in after.items())
+
+    def remove(self, i: int, block: int) -> None:
+        k = self.kept[i] - block
+        for j in self.own[i]:
+            self.out_frac[j] = k / self.units[i]
+        for j, span in self.readers[i]:
+            self.in_removed[j] += block * span
+        self.kept[i] = k
+
+
 def select_units_by_macs(
     unit_scores: Mapping[str, torch.Tensor],
     mac_model: MacModel,
@@ -163,6 +206,7 @@ def select_units_by_macs(
     dense = mac_model.dense
     target = (1.0 - fraction) * dense + 1e-9 * dense  # MACs are sums of float fractions: no rounding misses
     now = mac_model.macs(kept)
+    state = _Kept(mac_model, kept)
     taken = [0] * len(groups)
     while now > target:
         best: tuple[float, int, float, int] | None = None
@@ -170,10 +214,8 @@ def select_units_by_macs(
             block = kept[i] - (kept[i] - 1) // multiple * multiple  # down to the next lower multiple
             if kept[i] - block < lowest[i]:
                 continue
-            kept[i] -= block
-            after = mac_model.macs(kept)
-            kept[i] += block
-            saved = now - after
+            saved = state.saved(i, block)
+            after = now - saved
             if saved <= 0:
                 continue
             ratio = float(scores[i][orders[i][taken[i]:taken[i] + block]].sum()) / saved
@@ -187,6 +229,7 @@ def select_units_by_macs(
         _, i, after, block = best
         prev, now = now, after
         kept[i] -= block
+        state.remove(i, block)
         taken[i] += block
         if now <= target and target - now >= prev - target:  # the step before was as near: undo this one
             taken[i] -= block

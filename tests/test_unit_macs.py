@@ -15,7 +15,7 @@ from obdprune.measure import count_macs
 from obdprune.methods import PruneConfig, prune_model
 from obdprune.models import build_model
 from obdprune.train import TrainConfig
-from obdprune.unit_macs import LayerMacs, MacModel, mac_model, min_kept, select_units_by_macs
+from obdprune.unit_macs import LayerMacs, MacModel, _Kept, mac_model, min_kept, select_units_by_macs
 
 from conftest import randomize_batchnorm
 
@@ -93,6 +93,25 @@ def test_mac_model_equals_macs_of_the_compacted_model(name, seed):
     assert mm.kept_units(MaskSet({g.weight: dict(m.named_parameters())[g.weight] != 0 for g in groups})) == kept
     assert mm.macs(kept) == pytest.approx(count_macs(compact(m, x), x), rel=1e-9)
 
+
+
+def test_the_macs_a_removal_saves_are_the_difference_of_full_counts():
+    # densenet-small: units read by several layers through concatenations; resblock: a coupled residual group
+    for name, m, x in [("resblock", *_net("resblock")),
+                       ("densenet-small", build_model("densenet-small", (3, 8, 8), 5), torch.randn(2, 3, 8, 8))]:
+        mm = mac_model(m.eval(), x, unit_groups(m, x))
+        gen = torch.Generator().manual_seed(0)
+        kept = [g.units for g in mm.groups]
+        state = _Kept(mm, kept)
+        for _ in range(40):  # random removals, checked against the recount before each
+            i = int(torch.randint(0, len(kept), (1,), generator=gen))
+            block = min(kept[i] - 1, int(torch.randint(1, 3, (1,), generator=gen)))
+            if block < 1:
+                continue
+            before = mm.macs(kept)
+            kept[i] -= block
+            assert state.saved(i, block) == pytest.approx(before - mm.macs(kept), rel=1e-12, abs=1e-6), name
+            state.remove(i, block)
 
 # Two Linear unit layers by hand: A (4 units, 10 inputs) → B (3 units) → C (2 classes, not a group).
 A = UnitLayer("a", ("a.weight",), (4, 10), readers=(("b", 1),))
