@@ -25,14 +25,6 @@ TINY["convnext-tiny"] = (0.0625, 0.01, 32)
 MIN_UNITS = 2
 UNIT_STEP = 0.1  # the nearest unit step: one unit of a narrow stream is several % of the MACs
 
-PRUNING_XFAIL = {
-    "shufflenetv2": "two stride-1 shuffle units in a row: Torch-Pruning's graph fails (ZeroDivisionError in "
-                    "update_reshape_index_mapping), so no layer has units",
-    "convnext-tiny": "channels normalised by LayerNorm and Linear on channels-last input are excluded: no layer "
-                     "has units",
-}
-
-
 def _tiny(name: str, dtype: torch.dtype, n: int, num_classes: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     width, depth, side = TINY[name]
     torch.manual_seed(0)
@@ -59,12 +51,7 @@ def test_exact_ggn_diagonal_equals_brute_force(name):
     assert_close(got, brute_ggn(model, x), rtol=1e-8)
 
 
-def _pruning_params():
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PRUNING_XFAIL[n])) if n in PRUNING_XFAIL
-            else n for n in FAMILIES]
-
-
-@pytest.mark.parametrize("name", _pruning_params())
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_half_the_macs_by_obd_then_compaction_is_exact(name):
     model, x, y = _tiny(name, torch.float32, n=4)
     dense = count_macs(model, x[:1])
