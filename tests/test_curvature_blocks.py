@@ -388,6 +388,30 @@ def test_fallback_is_exact_and_warns_once_per_module():
     assert_close(got, brute_ggn(model, x))
 
 
+class Scale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(c, 1, 1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def test_modules_of_one_type_on_the_fallback_share_one_warning_line():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), *[Scale(3) for _ in range(5)], nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(3, 2, 5, 5, dtype=F64)
+    model = model.to(F64)
+    model(x)
+    model.eval()
+    with pytest.warns(UserWarning) as record:
+        got = diag_ggn(model, x, torch.tensor([0, 1, 0]))
+    lines = [str(w.message) for w in record]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "5 modules of type Scale ('1', '2', …, '5')" in lines[0] and "15 parameters (gamma)" in lines[0]
+    assert_close(got, brute_ggn(model, x))
+
+
 def test_fallback_batches_samples_with_vmap_where_it_can(monkeypatch):
     looped = []
     original = FallbackSquares._looped

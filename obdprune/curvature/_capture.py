@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 
 from obdprune.curvature._fallback import (
     FallbackSquares,
-    describe_cost,
+    describe_costs,
     float_leaves,
     recording_is_paused,
     tensor_leaves,
@@ -64,11 +64,13 @@ def plan_sites(model: nn.Module) -> list[Site]:
     """The modules that own trainable parameters, each with its closed-form rule or the fallback.
 
     Modules of a type without a rule in ``HANDLERS`` (or with parameters the rule does not know)
-    take the exact torch.func fallback, with a one-line warning naming the module and its cost.
+    take the exact torch.func fallback, with a one-line warning naming the module and its cost (one line
+    for all modules of one type).
     Raises UsageError for shared parameters.
     """
     sites: list[Site] = []
     owner: dict[int, str] = {}
+    fallbacks: dict[tuple[type, tuple[str, ...]], list[tuple[str, nn.Module, tuple[str, ...]]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         own = dict(module.named_parameters(recurse=False))
         trainable = tuple(k for k, p in own.items() if p.requires_grad)
@@ -79,13 +81,15 @@ def plan_sites(model: nn.Module) -> list[Site]:
         if handler is not None and set(own) - set(handler.param_names):
             handler = None
         if handler is None:
-            warnings.warn(describe_cost(name, module, trainable), UserWarning, stacklevel=4)
+            fallbacks.setdefault((type(module), trainable), []).append((name, module, trainable))
         for local in trainable:
             pid = id(getattr(module, local))
             if pid in owner:
                 raise UsageError(f"{label} shares parameter {local!r} with {owner[pid]!r}; shared parameters are not supported")
             owner[pid] = name
         sites.append(Site(name, module, handler, trainable))
+    for entries in fallbacks.values():
+        warnings.warn(describe_costs(entries), UserWarning, stacklevel=4)
     check_eval_mode(model)
     return sites
 

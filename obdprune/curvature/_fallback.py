@@ -191,12 +191,20 @@ class FallbackSquares:
         return sums
 
 
-def describe_cost(name: str, module: nn.Module, trainable: tuple[str, ...]) -> str:
-    """The one-line warning for a module that takes the fallback."""
-    count = sum(getattr(module, k).numel() for k in trainable)
+def describe_costs(entries: list[tuple[str, nn.Module, tuple[str, ...]]]) -> str:
+    """One line for modules of one type that take the fallback, e.g. every block of a ConvNeXt stage."""
+    name, module, trainable = entries[0]
+    count = sum(getattr(m, k).numel() for _, m, ks in entries for k in ks)
+    if len(entries) == 1:
+        who = f"module {name or '<root>'!r} ({type(module).__name__}) has no closed-form rule, so its"
+    else:
+        names = [n or "<root>" for n, _, _ in entries]
+        quoted = [repr(n) for n in names]
+        shown = ", ".join(quoted if len(quoted) <= 4 else quoted[:2] + ["…"] + quoted[-1:])
+        who = (f"{len(entries)} modules of type {type(module).__name__} ({shown}) have no closed-form rule, "
+               "so their")
     return (
-        f"curvature: module {name or '<root>'!r} ({type(module).__name__}) has no closed-form rule, so its "
-        f"{count} parameters ({', '.join(trainable)}) take the exact torch.func fallback, which forms "
-        f"samples x (classes-1) x {count} per-sample gradient entries (measured 2-4x the time of a rule "
-        "on conv and norm layers, up to 1000x on dense layers)"
+        f"curvature: {who} {count} parameters ({', '.join(trainable)}) take the exact torch.func fallback, "
+        f"which forms samples x (classes-1) x {count} per-sample gradient entries (measured 2-4x the time of a "
+        "rule on conv and norm layers, up to 1000x on dense layers)"
     )
