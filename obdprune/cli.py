@@ -101,7 +101,8 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="fraction(s) of Conv/Linear weights to remove (of their MACs with --budget macs)")
     p.add_argument("--max-drop", type=_points, default=None, metavar="PP",
                    help="remove as much as possible while validation accuracy stays within PP points of dense")
-    p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer")
+    p.add_argument("--scope", default="global", help="global (one threshold across layers) or layer (the same share in every layer; with --budget macs, "
+                        "every coupled group keeps the same share of its units)")
     p.add_argument("--granularity", default="element",
                    help="element (single weights) or channel (whole filters/neurons with their bias and BatchNorm; "
                         "group lasso for l1/hybrid)")

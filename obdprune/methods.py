@@ -149,8 +149,6 @@ class PruneConfig:
         if self.budget is Budget.MACS:
             if self.granularity is not Granularity.CHANNEL:
                 raise UsageError("a MAC budget needs channel granularity (removing single weights saves no time)")
-            if self.scope is not Scope.GLOBAL:
-                raise UsageError("a MAC budget needs global scope (one ranking of units across layers)")
         object.__setattr__(self, "keep", (self.keep,) if isinstance(self.keep, str) else tuple(self.keep))
         if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 1:
             raise UsageError(f"min units must be an integer >= 1, got {self.min_units!r}")

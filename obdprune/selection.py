@@ -4,7 +4,8 @@ a target can go and what the regularizer acts on.
 - :class:`ElementSelector`: single Conv/Linear weights, targets count weights;
 - :class:`UnitSelector`: whole output units (a filter or neuron with its bias and BatchNorm entries,
   and every layer coupled to it), targets count weights, units ranked by score per weight;
-- :class:`MacSelector`: whole units, targets count MACs, units ranked by score per MAC saved.
+- :class:`MacSelector`: whole units, targets count MACs; global scope ranks units by score per MAC
+  saved, layer scope removes the same share of units from every coupled group (lowest scores first).
 
 The prune loop only asks a selector for ``scores``, ``select``, ``limit`` and ``macs_removed``.
 """
@@ -26,7 +27,7 @@ from obdprune.masking import MaskSet, Scope, prunable_weights, select_masks
 from obdprune.measure import count_macs
 from obdprune.regularize import L1Mode, Regularizer, make_regularizer
 from obdprune.saliency import group_magnitude_saliency, group_saliency, magnitude_saliency, obd_saliency
-from obdprune.unit_macs import MacModel, mac_model, select_units_by_macs
+from obdprune.unit_macs import MacModel, mac_model, select_units_by_macs, select_units_uniformly
 
 __all__ = ["Budget", "Selector", "ElementSelector", "UnitSelector", "MacSelector", "make_selector",
            "max_feasible_sparsity"]
@@ -158,8 +159,9 @@ class MacSelector(UnitSelector):
         return self.mac_model.max_fraction_removed(self.layer_floor, self.multiple, self.min_units)
 
     def select(self, scores, target, current, model) -> MaskSet:
-        return select_units_by_macs(scores, self.mac_model, target, current=current, layer_floor=self.layer_floor,
-                                    multiple=self.multiple, min_units=self.min_units)
+        rule = select_units_uniformly if self.scope is Scope.LAYER else select_units_by_macs
+        return rule(scores, self.mac_model, target, current=current, layer_floor=self.layer_floor,
+                    multiple=self.multiple, min_units=self.min_units)
 
 
 def make_selector(model: nn.Module, example_inputs: torch.Tensor, *, granularity: Granularity, budget: Budget,

@@ -32,7 +32,7 @@ from obdprune.layers import prunable_layers
 from obdprune.masking import MaskSet
 from obdprune.measure import macs_per_layer
 
-__all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs"]
+__all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs", "select_units_uniformly"]
 
 
 def min_kept(units: int, layer_floor: float, multiple: int = 1, min_units: int = DEFAULT_MIN_UNITS) -> int:
@@ -238,5 +238,89 @@ def select_units_by_macs(
     for g, b, order, t in zip(groups, before, orders, taken):
         kk = ~b
         kk[order[:t]] = False
+        keep.append(kk)
+    return unit_keep_masks(groups, keep, current)
+
+
+def _uniform_kept(units: int, free: int, lowest: int, share: float, multiple: int) -> int:
+    """Units a group of ``units`` (``free`` of them not yet removed) keeps at ``share`` kept."""
+    want = math.ceil(share * units - 1e-9)
+    if multiple > 1 and want < units:
+        want = math.ceil(want / multiple) * multiple
+    return min(free, units, max(lowest, want))
+
+
+def select_units_uniformly(
+    unit_scores: Mapping[str, torch.Tensor],
+    mac_model: MacModel,
+    fraction: float,
+    *,
+    current: MaskSet | None = None,
+    layer_floor: float = 0.01,
+    multiple: int = 1,
+    min_units: int = DEFAULT_MIN_UNITS,
+) -> MaskSet:
+    """Keep-masks removing the same share of units from every group (each to its floor at most, rounded
+    up to ``multiple``) until ``fraction`` of the dense Conv/Linear MACs is gone; within a group the
+    units of lowest score go first.
+
+    The allocation across layers is fixed (every coupled group keeps about the same share of its units),
+    so only the ranking inside a group depends on the scores: this is the per-layer rule of channel pruners
+    such as Torch-Pruning's MetaPruner without global pruning. The share is the largest kept share whose
+    MACs meet the target, or the next larger one when that is nearer the target (ties: fewer removed).
+    Arguments and result as :func:`select_units_by_macs`.
+
+    >>> import torch
+    >>> from obdprune.groups import unit_groups
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+    ...                           torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 2))
+    >>> x = torch.randn(1, 1, 8, 8)
+    >>> mm = mac_model(net, x, unit_groups(net, x))
+    >>> scores = {g.layer: torch.arange(g.units, dtype=torch.float) for g in mm.groups}
+    >>> masks = select_units_uniformly(scores, mm, 0.5, layer_floor=0.0, min_units=1)
+    >>> mm.kept_units(masks), round(mm.fraction_removed(masks), 3)
+    ([5, 5], 0.554)
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"MAC fraction must be in [0, 1), got {fraction}")
+    if not 0.0 <= layer_floor <= 1.0:
+        raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
+    if multiple < 1:
+        raise UsageError(f"channel multiple must be >= 1, got {multiple}")
+    groups = mac_model.groups
+    scores = [checked_unit_scores(unit_scores, g) for g in groups]
+    before = [removed_units(g, current) for g in groups]
+    free = [g.units - int(b.sum()) for g, b in zip(groups, before)]
+    lowest = [min(f, min_kept(g.units, layer_floor, multiple, min_units)) for g, f in zip(groups, free)]
+    dense = mac_model.dense
+    target = (1.0 - fraction) * dense + 1e-9 * dense
+
+    def kept_at(share: float) -> list[int]:
+        return [_uniform_kept(g.units, f, lo, share, multiple) for g, f, lo in zip(groups, free, lowest)]
+
+    if mac_model.macs(kept_at(0.0)) > target:
+        raise UsageError(
+            f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
+            f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
+            f"target, the layer floor or the min units")
+    shares = sorted({k / g.units for g in groups for k in range(g.units + 1)})
+    lo, hi = 0, len(shares) - 1  # the largest share whose MACs meet the target: binary search, MACs rise with it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mac_model.macs(kept_at(shares[mid])) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    kept = kept_at(shares[lo])
+    if lo + 1 < len(shares):
+        above = kept_at(shares[lo + 1])
+        if abs(mac_model.macs(above) - target) < abs(target - mac_model.macs(kept)):
+            kept = above
+    keep = []
+    for g, s, b, k in zip(groups, scores, before, kept):
+        alive = torch.nonzero(~b).flatten()
+        order = alive[torch.sort(s[alive], stable=True).indices]
+        kk = ~b
+        kk[order[:len(alive) - k]] = False
         keep.append(kk)
     return unit_keep_masks(groups, keep, current)

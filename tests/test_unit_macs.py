@@ -1,5 +1,7 @@
 """The MAC model of unit counts (against measured MACs of compacted models) and unit selection by
 saliency per MAC saved (hand-written cases, invariants, the pruning loop and the CLI)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +17,8 @@ from obdprune.measure import count_macs
 from obdprune.methods import PruneConfig, prune_model
 from obdprune.models import build_model
 from obdprune.train import TrainConfig
-from obdprune.unit_macs import LayerMacs, MacModel, _Kept, mac_model, min_kept, select_units_by_macs
+from obdprune.unit_macs import (LayerMacs, MacModel, _Kept, mac_model, min_kept, select_units_by_macs,
+                                select_units_uniformly)
 
 from conftest import randomize_batchnorm
 
@@ -237,11 +240,10 @@ def test_macs_budget_prunes_to_mac_targets_and_compacts_to_them(digits):
         assert res.to_dict()["macs_removed"] == res.macs_removed
 
 
-def test_macs_budget_needs_channel_granularity_and_global_scope(tmp_path, capsys):
+def test_macs_budget_needs_channel_granularity(tmp_path, capsys):
     with pytest.raises(UsageError, match="a MAC budget needs channel granularity"):
         PruneConfig(budget="macs")
-    with pytest.raises(UsageError, match="a MAC budget needs global scope"):
-        PruneConfig(budget="macs", granularity="channel", scope="layer")
+    assert PruneConfig(budget="macs", granularity="channel", scope="layer").scope.value == "layer"
     with pytest.raises(UsageError, match="unknown budget 'flops'; choose one of: weights, macs"):
         PruneConfig(budget="flops")
     with pytest.raises(UsageError, match="a channel multiple needs the MAC budget"):
@@ -271,3 +273,68 @@ def test_report_shows_mac_targets_and_macs_removed():
     plain = {k: v for k, v in res.items() if k != "macs_removed"}
     text = render_report({"model": "m", "dataset": "d", "seed": 0, "dense": dense, "results": [plain]})
     assert "MACs" not in text
+
+
+def _residual_net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    from obdprune.models.cnn import resnet20
+    model = resnet20((3, 8, 8), 5, width=8).eval()
+    randomize_batchnorm(model)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(fraction=st.floats(0.05, 0.7), multiple=st.sampled_from([1, 4, 8]), seed=st.integers(0, 10_000))
+def test_uniform_selection_keeps_the_same_share_everywhere_and_removes_the_lowest_scores(fraction, multiple, seed):
+    model, x = _UNIFORM_NET
+    mm = mac_model(model, x, unit_groups(model, x))
+    gen = torch.Generator().manual_seed(seed)
+    scores = {g.layer: torch.rand(g.units, generator=gen) for g in mm.groups}
+    lowest = [min_kept(g.units, 0.0, multiple, 2) for g in mm.groups]
+    floors = mm.macs(lowest)
+    if floors > (1 - fraction) * mm.dense:
+        with pytest.raises(UsageError, match="lower the target"):
+            select_units_uniformly(scores, mm, fraction, layer_floor=0.0, multiple=multiple, min_units=2)
+        return
+    masks = select_units_uniformly(scores, mm, fraction, layer_floor=0.0, multiple=multiple, min_units=2)
+    kept = mm.kept_units(masks)
+    shares = set()
+    for g, k, lo in zip(mm.groups, kept, lowest):
+        assert lo <= k <= g.units
+        assert k == g.units or k % multiple == 0 or k == lo
+        if k > lo:  # above its floor, a group keeps the common share rounded up to its multiple
+            shares.add(math.ceil(k / g.units * 1e9))
+        removed = removed_units(g, masks)
+        assert int(removed.sum()) == g.units - k
+        if k < g.units:  # the lowest scores went
+            assert scores[g.layer][removed].max() <= scores[g.layer][~removed].min()
+    got = mm.macs(kept)
+    # no other common share is nearer the target
+    for share in sorted({k / g.units for g in mm.groups for k in range(g.units + 1)}):
+        other = [min(g.units, max(lo, math.ceil(math.ceil(share * g.units - 1e-9) / multiple) * multiple)
+                     if math.ceil(share * g.units - 1e-9) < g.units else g.units)
+                 for g, lo in zip(mm.groups, lowest)]
+        assert abs(mm.macs(other) - (1 - fraction) * mm.dense) >= abs(got - (1 - fraction) * mm.dense) - 1e-6 * mm.dense
+
+
+_UNIFORM_NET = _residual_net()
+
+
+def test_uniform_selection_keeps_earlier_removals_and_the_front_door_prunes_every_coupled_conv():
+    import obdprune
+    from obdprune.compact import count_units
+    model, _ = _residual_net()
+    x, y = torch.randn(32, 3, 8, 8), torch.arange(32) % 5
+    pruner = obdprune.Pruner(model, method="obd", granularity="channel", budget="macs", scope="layer",
+                             example_inputs=x[:1], min_units=2, curvature_samples=16)
+    first = pruner.step(0.3, data=(x, y))
+    second = pruner.step(0.5, data=(x, y))
+    for name, mask in first.items():
+        assert not (second[name] & ~mask).any()  # nothing removed comes back
+    before, small = count_units(model), pruner.compact()
+    after = count_units(small)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(after[n] < before[n] for n in convs), {n: (before[n], after[n]) for n in convs}
+    assert count_macs(small, x[:1]) == pytest.approx(0.5 * count_macs(model, x[:1]), rel=0.12)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5, rtol=0)
