@@ -243,10 +243,9 @@ def select_units_by_macs(
 
 
 def _uniform_kept(units: int, free: int, lowest: int, share: float, multiple: int) -> int:
-    """Units a group of ``units`` (``free`` of them not yet removed) keeps at ``share`` kept."""
-    want = math.ceil(share * units - 1e-9)
-    if multiple > 1 and want < units:
-        want = math.ceil(want / multiple) * multiple
+    """Units a group of ``units`` (``free`` of them not yet removed) keeps at ``share``: ``share·units``
+    to the nearest multiple of ``multiple`` (halves up), within [its floor, what it still has]."""
+    want = math.floor(share * units / multiple + 0.5 + 1e-9) * multiple
     return min(free, units, max(lowest, want))
 
 
@@ -264,10 +263,10 @@ def select_units_uniformly(
     up to ``multiple``) until ``fraction`` of the dense Conv/Linear MACs is gone; within a group the
     units of lowest score go first.
 
-    The allocation across layers is fixed (every coupled group keeps about the same share of its units),
-    so only the ranking inside a group depends on the scores: this is the per-layer rule of channel pruners
-    such as Torch-Pruning's MetaPruner without global pruning. The share is the largest kept share whose
-    MACs meet the target, or the next larger one when that is nearer the target (ties: fewer removed).
+    The allocation across layers is fixed (every coupled group keeps the same share of its units, to the
+    nearest multiple), so only the ranking inside a group depends on the scores: this is the per-layer rule
+    of channel pruners such as Torch-Pruning's MetaPruner without global pruning. The share is the largest
+    whose MACs meet the target, or the next larger step when that is nearer the target (ties: fewer removed).
     Arguments and result as :func:`select_units_by_macs`.
 
     >>> import torch
@@ -303,7 +302,8 @@ def select_units_uniformly(
             f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
             f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
             f"target, the layer floor or the min units")
-    shares = sorted({k / g.units for g in groups for k in range(g.units + 1)})
+    steps = {0.0, 1.0} | {(j + 0.5) * multiple / g.units for g in groups for j in range(g.units // multiple + 1)}
+    shares = sorted(v for v in steps if v <= 1.0)  # where some group's rounded count changes
     lo, hi = 0, len(shares) - 1  # the largest share whose MACs meet the target: binary search, MACs rise with it
     while lo < hi:
         mid = (lo + hi + 1) // 2
