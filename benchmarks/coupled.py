@@ -6,7 +6,7 @@ after pruning: obdprune's ``reg_epochs`` + one fine-tuning phase per round; Torc
 number of epochs of plain training before pruning and the same fine-tuning after each of its steps.
 Torch-Pruning prunes 2% of channels per step (``ignored_layers`` = the classifier) until its MACs reach
 the target. Accuracy is mean ± std over ``--seeds``; times are CPU-time ratios to the dense model
-(onnxruntime and PyTorch, batch 1 and 256, medians, all measured in one run of this script).
+(onnxruntime and PyTorch, batch 1 and 256, medians, all variants of a seed timed round-robin).
 
     python benchmarks/coupled.py --models resnet20 mobilenetv2-small --seeds 0 1 2 --train-limit 20000 \
         --out benchmarks/results/coupled.md
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -68,34 +69,42 @@ def tp_prune(dense: nn.Module, data, importance: str, mac_target: float, epochs:
     return model
 
 
-def cpu_time(model: nn.Module, x: torch.Tensor, reps: int) -> float:
-    model.eval()
-    with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(reps):
-            t = time.process_time()
-            model(x)
-            times.append(time.process_time() - t)
-    return statistics.median(times)
-
-
-def ort_time(model: nn.Module, x: torch.Tensor, reps: int) -> float:
+def _ort_session(model: nn.Module, x: torch.Tensor):
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         export_onnx(model.eval(), x[:1], path, check_inputs=x[:4], atol=1e-3)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    sess.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t = time.process_time()
-        sess.run(None, feed)
-        times.append(time.process_time() - t)
-    return statistics.median(times)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def time_ratios(variants: dict[str, nn.Module], x1: torch.Tensor, xb: torch.Tensor, reps: int) -> dict[str, dict]:
+    """CPU-time ratios to ``variants["dense"]`` (PyTorch and onnxruntime, batch 1 and len(xb)), the
+    repeats interleaved round-robin over all variants so that load from elsewhere hits them alike."""
+    runners = {}
+    for label, model in variants.items():
+        model.eval()
+        sess = _ort_session(model, x1)
+        name = sess.get_inputs()[0].name
+        runners[label] = {"torch1": lambda m=model: m(x1), "torch256": lambda m=model: m(xb),
+                          "ort1": lambda s=sess, n=name: s.run(None, {n: x1.numpy()}),
+                          "ort256": lambda s=sess, n=name: s.run(None, {n: xb.numpy()})}
+    times = {label: {k: [] for k in r} for label, r in runners.items()}
+    with torch.inference_mode():
+        for r in runners.values():
+            for fn in r.values():
+                fn()  # warm-up
+        for rep in range(reps):
+            for label, r in runners.items():
+                for k, fn in r.items():
+                    if k.endswith("256") and rep % 4:
+                        continue  # the large batch a quarter as often
+                    t = time.process_time()
+                    fn()
+                    times[label][k].append(time.process_time() - t)
+    med = {label: {k: statistics.median(v) for k, v in t.items()} for label, t in times.items()}
+    return {label: {k: v / med["dense"][k] for k, v in m.items()} for label, m in med.items()}
 
 
 def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
@@ -127,9 +136,26 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--importances", nargs="+", default=["magnitude", "taylor", "hessian"])
     p.add_argument("--curvature-samples", type=int, default=512, help="GGN samples per obdprune round")
+    p.add_argument("--scopes", nargs="+", default=["global", "layer"],
+                   help="obdprune's MAC selection: global (score per MAC across layers), layer (same share per group)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="only render one table from the .json files of earlier runs (e.g. one per seed)")
     args = p.parse_args()
     started = time.time()
+    if args.merge:
+        runs = [json.loads(f.read_text()) for f in args.merge]
+        rows: dict[str, dict[str, list[float]]] = {}
+        for run in runs:
+            for label, r in run["rows"].items():
+                for k, v in r.items():
+                    rows.setdefault(label, {}).setdefault(k, []).extend(v)
+        text = "\n".join([f"Merged from {', '.join(str(f) for f in args.merge)}:", ""]
+                         + [h for run in runs for h in run["header"][:1]] + [""] + table(runs[0]["model"], rows))
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        return
     torch.set_num_threads(1)
     data = load_dataset("fashion-mnist", train_limit=args.train_limit, test_limit=args.test_limit)
     shape = tuple(data.train.x.shape[1:])
@@ -142,35 +168,33 @@ def main() -> None:
             train(dense, data.train, TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                                  schedule="cosine", seed=seed), progress=False)
             x1, xb = data.test.x[:1].contiguous(), data.test.x[:256].contiguous()
-            base = {"torch1": cpu_time(dense, x1, args.reps), "torch256": cpu_time(dense, xb, max(3, args.reps // 5)),
-                    "ort1": ort_time(dense, x1, args.reps), "ort256": ort_time(dense, xb, max(3, args.reps // 5))}
             variants: dict[str, nn.Module] = {"dense": dense}
             for target in args.targets:
                 for method in ("obd", "hybrid"):
-                    log(f"{name} seed {seed}: obdprune {method} {target}")
-                    res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
-                                         budget="macs", sparsity=target, example_inputs=data.train.x[:2],
-                                         channel_multiple=8, reg_epochs=args.reg_epochs,
-                                         finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
-                                         batch_size=args.batch_size, curvature_samples=args.curvature_samples,
-                                         seed=seed, progress=False)
-                    variants[f"obdprune {method} {target}"] = res.compact()
+                    for scope in args.scopes:
+                        log(f"{name} seed {seed}: obdprune {method} {scope} {target} ({time.time() - started:.0f} s)")
+                        res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
+                                             budget="macs", scope=scope, sparsity=target,
+                                             example_inputs=data.train.x[:2], channel_multiple=8,
+                                             reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
+                                             finetune_lr=args.lr, batch_size=args.batch_size,
+                                             curvature_samples=args.curvature_samples, seed=seed, progress=False)
+                        variants[f"obdprune {method} {scope} {target}"] = res.compact()
                 for imp in args.importances:
-                    log(f"{name} seed {seed}: Torch-Pruning {imp} {target}")
+                    log(f"{name} seed {seed}: Torch-Pruning {imp} {target} ({time.time() - started:.0f} s)")
                     variants[f"TP {imp} {target}"] = tp_prune(dense, data, imp, target, args.reg_epochs, args, seed)
+            ratios = time_ratios(variants, x1, xb, args.reps)
             for label, model in variants.items():
                 r = rows.setdefault(label, {})
                 r.setdefault("acc", []).append(100 * evaluate(model, data.test)[0])
                 r.setdefault("params", []).append(sum(q.numel() for q in model.parameters()))
                 r.setdefault("macs", []).append(count_macs(model, x1))
-                for k, f in (("torch1", lambda m: cpu_time(m, x1, args.reps)),
-                             ("torch256", lambda m: cpu_time(m, xb, max(3, args.reps // 5))),
-                             ("ort1", lambda m: ort_time(m, x1, args.reps)),
-                             ("ort256", lambda m: ort_time(m, xb, max(3, args.reps // 5)))):
-                    r.setdefault(k, []).append(f(model) / base[k])
+                for k, v in ratios[label].items():
+                    r.setdefault(k, []).append(v)
             log(f"{name} seed {seed} done after {time.time() - started:.0f} s")
             if args.out is not None:  # partial results survive an interrupted run
                 args.out.write_text("\n".join(lines + table(name, rows)) + "\n")
+                args.out.with_suffix(".json").write_text(json.dumps({"header": lines, "model": name, "rows": rows}))
         lines += table(name, rows)
     text = "\n".join(lines)
     print(text)
