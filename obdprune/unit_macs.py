@@ -161,6 +161,22 @@ class _Kept:
         self.kept[i] = k
 
 
+def _check_request(fraction: float, layer_floor: float, multiple: int) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"MAC fraction must be in [0, 1), got {fraction}")
+    if not 0.0 <= layer_floor <= 1.0:
+        raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
+    if multiple < 1:
+        raise UsageError(f"channel multiple must be >= 1, got {multiple}")
+
+
+def _beyond_floor(mac_model: MacModel, fraction: float, layer_floor: float, multiple: int, min_units: int) -> UsageError:
+    return UsageError(
+        f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
+        f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
+        f"target, the layer floor or the min units")
+
+
 def select_units_by_macs(
     unit_scores: Mapping[str, torch.Tensor],
     mac_model: MacModel,
@@ -188,12 +204,7 @@ def select_units_by_macs(
       kernels: 8 with AVX2, 16 with AVX-512).
     Returns masks for every member of every group plus the other masks of ``current``.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise UsageError(f"MAC fraction must be in [0, 1), got {fraction}")
-    if not 0.0 <= layer_floor <= 1.0:
-        raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
-    if multiple < 1:
-        raise UsageError(f"channel multiple must be >= 1, got {multiple}")
+    _check_request(fraction, layer_floor, multiple)
     groups = mac_model.groups
     scores = [checked_unit_scores(unit_scores, g) for g in groups]
     before = [removed_units(g, current) for g in groups]
@@ -222,10 +233,7 @@ def select_units_by_macs(
             if best is None or ratio < best[0]:
                 best = (ratio, i, after, block)
         if best is None:
-            raise UsageError(
-                f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
-                f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
-                f"target, the layer floor or the min units")
+            raise _beyond_floor(mac_model, fraction, layer_floor, multiple, min_units)
         _, i, after, block = best
         prev, now = now, after
         kept[i] -= block
@@ -259,8 +267,8 @@ def select_units_uniformly(
     multiple: int = 1,
     min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:
-    """Keep-masks removing the same share of units from every group (each to its floor at most, rounded
-    up to ``multiple``) until ``fraction`` of the dense Conv/Linear MACs is gone; within a group the
+    """Keep-masks removing the same share of units from every group (each down to its floor at most, to the
+    nearest ``multiple``) until ``fraction`` of the dense Conv/Linear MACs is gone; within a group the
     units of lowest score go first.
 
     The allocation across layers is fixed (every coupled group keeps the same share of its units, to the
@@ -280,12 +288,7 @@ def select_units_uniformly(
     >>> mm.kept_units(masks), round(mm.fraction_removed(masks), 3)
     ([5, 5], 0.554)
     """
-    if not 0.0 <= fraction < 1.0:
-        raise UsageError(f"MAC fraction must be in [0, 1), got {fraction}")
-    if not 0.0 <= layer_floor <= 1.0:
-        raise UsageError(f"layer floor must be in [0, 1], got {layer_floor}")
-    if multiple < 1:
-        raise UsageError(f"channel multiple must be >= 1, got {multiple}")
+    _check_request(fraction, layer_floor, multiple)
     groups = mac_model.groups
     scores = [checked_unit_scores(unit_scores, g) for g in groups]
     before = [removed_units(g, current) for g in groups]
@@ -298,10 +301,7 @@ def select_units_uniformly(
         return [_uniform_kept(g.units, f, lo, share, multiple) for g, f, lo in zip(groups, free, lowest)]
 
     if mac_model.macs(kept_at(0.0)) > target:
-        raise UsageError(
-            f"removing {fraction} of the MACs needs more units than the layers can lose while each keeps its "
-            f"floor (at most {mac_model.max_fraction_removed(layer_floor, multiple, min_units):.4f}); lower the "
-            f"target, the layer floor or the min units")
+        raise _beyond_floor(mac_model, fraction, layer_floor, multiple, min_units)
     steps = {0.0, 1.0} | {(j + 0.5) * multiple / g.units for g in groups for j in range(g.units // multiple + 1)}
     shares = sorted(v for v in steps if v <= 1.0)  # where some group's rounded count changes
     lo, hi = 0, len(shares) - 1  # the largest share whose MACs meet the target: binary search, MACs rise with it
