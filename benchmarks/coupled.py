@@ -1,4 +1,4 @@
-"""Channel pruning of coupled CNNs by MACs: obdprune (structured ``obd`` / ``hybrid``, blocks of 8)
+"""Channel pruning of coupled CNNs by MACs: obdprune (structured ``obd`` / ``hybrid``, blocks of channels)
 against Torch-Pruning's MetaPruner (magnitude, Taylor, Hessian importance) at the same MAC targets.
 
 Every variant starts from the same dense weights (trained here, ``--epochs``) and gets the same epochs
@@ -121,6 +121,14 @@ def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
+def _row_order(item: tuple[str, dict]) -> tuple:
+    """dense first, then by MAC target; obdprune before Torch-Pruning within a target."""
+    label = item[0]
+    if label == "dense":
+        return (0.0, 0, "")
+    return (float(label.split()[-1]), label.startswith("TP"), label)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2-small"])
@@ -134,10 +142,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--importances", nargs="+", default=["magnitude", "taylor", "hessian"])
+    p.add_argument("--importances", nargs="*", default=["magnitude", "taylor", "hessian"],
+                   help="Torch-Pruning importances (none: obdprune variants only)")
+    p.add_argument("--methods", nargs="+", default=["obd", "hybrid"], help="obdprune methods")
     p.add_argument("--curvature-samples", type=int, default=512, help="GGN samples per obdprune round")
-    p.add_argument("--scopes", nargs="+", default=["global", "layer"],
-                   help="obdprune's MAC selection: global (score per MAC across layers), layer (same share per group)")
+    p.add_argument("--variants", nargs="+", default=["global:8", "layer:8"], metavar="SCOPE:MULTIPLE",
+                   help="obdprune's MAC selection (global: score per MAC across layers; layer: the same share "
+                        "per group) and the block of channels removed together")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="only render one table from the .json files of earlier runs (e.g. one per seed)")
@@ -146,12 +157,18 @@ def main() -> None:
     if args.merge:
         runs = [json.loads(f.read_text()) for f in args.merge]
         rows: dict[str, dict[str, list[float]]] = {}
+        seen: set[tuple[str, int]] = set()
         for run in runs:
             for label, r in run["rows"].items():
-                for k, v in r.items():
-                    rows.setdefault(label, {}).setdefault(k, []).extend(v)
+                for i, seed in enumerate(run["seeds"]):
+                    if (label, seed) in seen:  # e.g. the dense model of a seed that two runs trained alike
+                        continue
+                    seen.add((label, seed))
+                    for k, v in r.items():
+                        rows.setdefault(label, {}).setdefault(k, []).append(v[i])
         text = "\n".join([f"Merged from {', '.join(str(f) for f in args.merge)}:", ""]
-                         + [h for run in runs for h in run["header"][:1]] + [""] + table(runs[0]["model"], rows))
+                         + [h for run in runs for h in run["header"][:1]] + [""]
+                         + table(runs[0]["model"], dict(sorted(rows.items(), key=_row_order))))
         print(text)
         if args.out is not None:
             args.out.write_text(text + "\n")
@@ -170,16 +187,18 @@ def main() -> None:
             x1, xb = data.test.x[:1].contiguous(), data.test.x[:256].contiguous()
             variants: dict[str, nn.Module] = {"dense": dense}
             for target in args.targets:
-                for method in ("obd", "hybrid"):
-                    for scope in args.scopes:
-                        log(f"{name} seed {seed}: obdprune {method} {scope} {target} ({time.time() - started:.0f} s)")
+                for method in args.methods:
+                    for variant in args.variants:
+                        scope, multiple = variant.split(":")
+                        label = f"obdprune {method} {scope} x{multiple} {target}"
+                        log(f"{name} seed {seed}: {label} ({time.time() - started:.0f} s)")
                         res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
                                              budget="macs", scope=scope, sparsity=target,
-                                             example_inputs=data.train.x[:2], channel_multiple=8,
+                                             example_inputs=data.train.x[:2], channel_multiple=int(multiple),
                                              reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
                                              finetune_lr=args.lr, batch_size=args.batch_size,
                                              curvature_samples=args.curvature_samples, seed=seed, progress=False)
-                        variants[f"obdprune {method} {scope} {target}"] = res.compact()
+                        variants[label] = res.compact()
                 for imp in args.importances:
                     log(f"{name} seed {seed}: Torch-Pruning {imp} {target} ({time.time() - started:.0f} s)")
                     variants[f"TP {imp} {target}"] = tp_prune(dense, data, imp, target, args.reg_epochs, args, seed)
@@ -194,7 +213,7 @@ def main() -> None:
             log(f"{name} seed {seed} done after {time.time() - started:.0f} s")
             if args.out is not None:  # partial results survive an interrupted run
                 args.out.write_text("\n".join(lines + table(name, rows)) + "\n")
-                args.out.with_suffix(".json").write_text(json.dumps({"header": lines, "model": name, "rows": rows}))
+                args.out.with_suffix(".json").write_text(json.dumps({"header": lines, "model": name, "seeds": args.seeds[:len(rows["dense"]["acc"])], "rows": rows}))
         lines += table(name, rows)
     text = "\n".join(lines)
     print(text)
