@@ -111,8 +111,8 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                         "removed) or macs (share of their multiply-accumulates; needs --granularity channel, units go "
                         "by saliency per MAC saved)")
     p.add_argument("--channel-multiple", type=_positive_int, default=1, metavar="N",
-                   help="with --budget macs: every layer keeps a multiple of N units (or all); 8 suits onnxruntime's "
-                        "convolution kernels on AVX2 CPUs")
+                   help="with --budget macs: every layer keeps a multiple of N units (or all); onnxruntime's "
+                        "convolution kernels pad channels to 8 on AVX2 CPUs, to 16 with AVX-512")
     p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
     p.add_argument("--min-units", type=_positive_int, default=4, help="channel granularity: every layer keeps at least N units "
                    "(all of them if it has fewer)")
@@ -150,6 +150,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                              "--finetune-epochs after it), the same for every method")
     recipe.add_argument("--prune-every", type=_positive_int, default=100, metavar="STEPS",
                         help="with --prune-schedule gradual: optimizer steps between pruning steps")
+    recipe.add_argument("--curvature-window", type=_positive_int, default=8, metavar="STEPS",
+                        help="with --prune-schedule gradual: the first pruning step estimates curvature on "
+                             "--curvature-samples, each later one on 1/STEPS of them, averaged in with weight "
+                             "1/STEPS (1: afresh every step)")
     recipe.add_argument("--lr-rewind", action="store_true",
                         help="training phases replay the learning rates of the dense run's last epochs")
     recipe.add_argument("--distill", type=_nonneg_float, nargs=2, default=None, metavar=("T", "ALPHA"),
@@ -307,7 +311,8 @@ def _prune_cfg(args, method: str):
                        granularity=args.granularity, budget=args.budget,
                        channel_multiple=args.channel_multiple, min_units=args.min_units, keep=tuple(args.keep),
                        prune_schedule=args.prune_schedule, total_epochs=args.total_epochs, prune_every=args.prune_every,
-                       lr_rewind=args.lr_rewind, distill=tuple(args.distill) if args.distill else None,
+                       curvature_window=args.curvature_window, lr_rewind=args.lr_rewind,
+                       distill=tuple(args.distill) if args.distill else None,
                        criterion=args.criterion, update=args.update, obs_damp=args.obs_damp,
                        max_drop_rule=args.max_drop_rule)
 

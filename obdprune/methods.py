@@ -82,10 +82,12 @@ _CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budge
             "curvature": CurvatureKind, "negative_curvature": NegativeCurvature, "prune_schedule": PruneSchedule,
             "update": WeightUpdate, "max_drop_rule": MaxDropRule}
 AUTO = "auto"
+DEFAULT_CURVATURE_WINDOW = 8
+"""Ramp steps a gradual schedule's running curvature spans (:class:`RunningCurvature`)."""
 """``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
 OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
 """Options that need obdprune's training loop (not a user's ``fine_tune``)."""
-PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda")
+PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "curvature_window")
 """Options that only :func:`prune_model` applies (not a :class:`~obdprune.api.Pruner` in the user's loop)."""
 
 
@@ -95,7 +97,8 @@ class PruneConfig:
 
     Options may be given as strings; they are parsed once here into their enums. The recovery recipe
     (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
-    default; ``total_epochs`` and ``prune_every`` (optimizer steps) belong to ``prune_schedule="gradual"``.
+    default; ``total_epochs``, ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running
+    curvature estimate spans) belong to ``prune_schedule="gradual"``.
 
     >>> PruneConfig(method="obd", granularity="channel").granularity
     <Granularity.CHANNEL: 'channel'>
@@ -123,6 +126,7 @@ class PruneConfig:
     prune_schedule: PruneSchedule = PruneSchedule.ROUNDS
     total_epochs: int | None = None
     prune_every: int = 100
+    curvature_window: int = DEFAULT_CURVATURE_WINDOW
     lr_rewind: bool = False
     distill: tuple[float, float] | None = None
     criterion: Criterion | None = None  # None: the method's own (OBD for obd/hybrid, else magnitude)
@@ -173,6 +177,9 @@ class PruneConfig:
         gradual = self.prune_schedule is PruneSchedule.GRADUAL
         if gradual and self.total_epochs is None:
             raise UsageError("the gradual schedule needs total_epochs, the training budget of its one run")
+        if not gradual and self.curvature_window != DEFAULT_CURVATURE_WINDOW:
+            raise UsageError("curvature_window carries curvature across the steps of prune_schedule='gradual'; "
+                             "rounds estimate it afresh on curvature_samples every round")
         if not gradual and self.total_epochs is not None:
             raise UsageError("total_epochs is the budget of prune_schedule='gradual'; rounds spend reg_epochs + "
                              "the fine-tuning epochs of every round")
@@ -180,6 +187,9 @@ class PruneConfig:
             raise UsageError(f"total epochs must be an integer >= 1, got {self.total_epochs!r}")
         if isinstance(self.prune_every, bool) or not isinstance(self.prune_every, int) or self.prune_every < 1:
             raise UsageError(f"prune_every is a number of training steps >= 1, got {self.prune_every!r}")
+        if (isinstance(self.curvature_window, bool) or not isinstance(self.curvature_window, int)
+                or self.curvature_window < 1):
+            raise UsageError(f"curvature_window is a number of ramp steps >= 1, got {self.curvature_window!r}")
         if not isinstance(self.lr_rewind, bool):
             raise UsageError(f"lr_rewind is True or False, got {self.lr_rewind!r}")
         if not (self.obs_damp >= 0 and math.isfinite(self.obs_damp)):
@@ -405,7 +415,7 @@ def round_curvature(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, y: torc
 
 
 def round_hessians(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, device: torch.device,
-                   world: World | None = None) -> dict[str, torch.Tensor]:
+                   world: World | None = None, reuse: RunningCurvature | None = None) -> dict[str, torch.Tensor]:
     """Layer-wise OBS Hessians H = 2·X·Xᵀ/N of every Conv2d/Linear layer on inputs ``x`` (N, ...), dampened
     by ``cfg.obs_damp`` (:func:`obdprune.obs.layer_hessians`). Under torchrun ``x`` is this rank's share and
     the undampened means are all-reduced with the sample counts, so every rank gets the union's H."""
@@ -413,18 +423,55 @@ def round_hessians(model: nn.Module, cfg: PruneConfig, x: torch.Tensor, device: 
     rows = int(x.shape[0])
     xs = x if rows or not world.distributed else x[:0].new_zeros((1, *x.shape[1:]))  # shapes only
     hessians = all_reduce_mean(world, layer_hessians(model, xs.to(device), damp=0.0), rows)
+    if reuse is not None:
+        hessians = reuse.blend("hessians", hessians)
     return {name: dampen(h, cfg.obs_damp) for name, h in hessians.items()}
+
+
+class RunningCurvature:
+    """Curvature carried across the close pruning steps of a gradual ramp (``cfg.curvature_window`` = W).
+
+    The first step estimates on the full ``curvature_samples`` S; every later one on ⌈S/W⌉ fresh samples,
+    blended in as h ← (1 − 1/W)·h + (1/W)·ĥ. The blend's variance is (1/W)/(2 − 1/W)·W/S·σ² ≤ σ²/S, that of one
+    estimate on S samples, at 1/W of its cost per step; the price is a lag of about W steps behind the
+    weights. W = 1 is a fresh estimate on S samples at every step. The same holds for OBS's layer
+    Hessians (means over samples, blended before damping).
+
+    >>> r = RunningCurvature(4)
+    >>> r.samples(1024), r.blend("curvature", {"w": torch.ones(2)})["w"].tolist(), r.samples(1024)
+    (1024, [1.0, 1.0], 256)
+    >>> r.blend("curvature", {"w": torch.zeros(2)})["w"].tolist()
+    [0.75, 0.75]
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._estimates: dict[str, dict[str, torch.Tensor]] = {}
+
+    def samples(self, full: int) -> int:
+        """How many fresh samples the next step draws: ``full`` first, then ⌈full/W⌉."""
+        return full if not self._estimates else max(1, math.ceil(full / self.window))
+
+    def blend(self, kind: str, fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The running estimate of ``kind`` after ``fresh`` (the first one is taken as is)."""
+        old = self._estimates.get(kind)
+        if old is not None and old.keys() == fresh.keys():
+            b = 1.0 / self.window
+            fresh = {k: old[k].mul(1.0 - b).add_(h, alpha=b) for k, h in fresh.items()}
+        self._estimates[kind] = fresh
+        return {k: h.clone() for k, h in fresh.items()}
 
 
 def prune_step(model: nn.Module, cfg: PruneConfig, selector: Selector, masks: MaskSet, target: float,
                data: Batches | None, *, samples: int, generator: torch.Generator, device: torch.device,
-               world: World, what: str) -> tuple[MaskSet, float]:
+               world: World, what: str, reuse: RunningCurvature | None = None) -> tuple[MaskSet, float]:
     """One pruning step on ``model`` in place: score by ``cfg.scoring`` (magnitude; OBD on a fresh curvature
     sample; or OBS's w²/[H⁻¹]_qq), select masks reaching ``target`` that only shrink ``masks``, and apply
     them; with ``cfg.update == "obs"`` the weights left in each row are corrected (:func:`obdprune.obs.obs_prune`).
     ``samples`` images are drawn from ``data`` (this rank's share under torchrun) for the curvature and the
     layer Hessians; the masks are checked equal on every rank (``what`` names the step if not). Returns the
-    masks and the seconds spent on curvature and Hessians."""
+    masks and the seconds spent on curvature and Hessians. ``reuse`` (gradual ramps) blends them into the
+    running estimates of :class:`RunningCurvature`; ``samples`` should then come from its ``samples()``."""
     scoring, seconds = cfg.scoring, 0.0
     curv = hessians = None
     if scoring is not Criterion.MAGNITUDE or cfg.update is WeightUpdate.OBS:
@@ -434,9 +481,11 @@ def prune_step(model: nn.Module, cfg: PruneConfig, selector: Selector, masks: Ma
         x, y = data.sample(samples, generator)
         if scoring is Criterion.OBD:
             curv, seconds = round_curvature(model, cfg, x, y, device, generator, world)
+            if reuse is not None:
+                curv = reuse.blend("curvature", curv)
         if scoring is Criterion.OBS or cfg.update is WeightUpdate.OBS:
             t0 = time.perf_counter()
-            hessians = round_hessians(model, cfg, x, device, world)
+            hessians = round_hessians(model, cfg, x, device, world, reuse)
             seconds += time.perf_counter() - t0
     scores = (obs_saliency(prunable_weights(model), hessians, masks) if scoring is Criterion.OBS
               else selector.scores(model, curv, cfg.negative_curvature))
@@ -594,13 +643,16 @@ class _Path:
     dense_val_accuracy: float
     on_round: Callable[[dict], None] | None
     reg: Regularizer = field(default_factory=NoRegularizer)
+    reuse: RunningCurvature | None = None  # set by the gradual schedule
 
     def prune_to(self, target: float, what: str) -> None:
         """:func:`prune_step` to ``target`` on a fresh sample of the training data."""
         st = self.state
+        full = min(self.cfg.curvature_samples, len(self.splits.train))
         st.masks, seconds = prune_step(self.model, self.cfg, self.selector, st.masks, target, self.splits.train,
-                                       samples=min(self.cfg.curvature_samples, len(self.splits.train)),
-                                       generator=self.generator, device=self.device, world=self.world, what=what)
+                                       samples=self.reuse.samples(full) if self.reuse is not None else full,
+                                       generator=self.generator, device=self.device, world=self.world, what=what,
+                                       reuse=self.reuse)
         st.curvature_seconds += seconds
 
     def end_round(self, rnd: int, target: float) -> bool:
@@ -694,13 +746,15 @@ def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:
 def _run_gradual(path: _Path, resumed: bool, regularized: dict | None) -> None:
     """One continuous run of ``cfg.total_epochs``: ``reg_epochs`` before the ramp, the cubic ramp of
     :mod:`obdprune.gradual` pruning every ``prune_every`` steps, the fine-tuning epochs after it. A "round" is
-    a pruning step; it is measured at the end of its segment, just before the next one (the last: at the end)."""
+    a pruning step; it is measured at the end of its segment, just before the next one (the last: at the end).
+    Curvature runs on :class:`RunningCurvature` estimates over ``curvature_window`` steps."""
     cfg, st, model = path.cfg, path.state, path.model
     steps_per_epoch = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
     ramp = plan_gradual(sorted(path.plan.targets | {round(path.plan.path[-1], 12)}), steps_per_epoch=steps_per_epoch,
                         total_epochs=cfg.total_epochs, pre_epochs=cfg.reg_epochs, tail_epochs=cfg.finetune.epochs,
                         prune_every=cfg.prune_every)
     at = {step: k for k, step in enumerate(ramp.steps)}
+    path.reuse = RunningCurvature(cfg.curvature_window)
 
     def on_step(done: int, opt: torch.optim.Optimizer) -> None:
         k = at.get(done)

@@ -21,6 +21,7 @@ from obdprune.gradual import plan_gradual
 from obdprune.lambda_search import lambda_from_strength
 from obdprune.masking import prunable_weights
 from obdprune.methods import PruneConfig, measured_sparsity, prune_model
+from obdprune.selection import Selector
 from obdprune.recipe import Distillation, distillation_loss, lr_sequence
 from obdprune.stopping import standard_error
 from obdprune.train import TrainConfig, train
@@ -132,6 +133,44 @@ def test_gradual_needs_its_budget_and_room_for_its_targets(tiny):
         PruneConfig(total_epochs=10)
     with pytest.raises(UsageError, match="must exceed"):
         prune_model(dense, data, _cfg(prune_schedule="gradual", total_epochs=2), targets=[0.5], progress=False)
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_gradual_obd_blends_curvature_over_its_window(tiny, monkeypatch, window):
+    """The first ramp step estimates on curvature_samples, each later one on ⌈S/W⌉ fresh samples, and the
+    saliency uses (1 − 1/W)·old + (1/W)·fresh; W = 1 is a fresh full estimate every step."""
+    data, dense, _ = tiny
+    real, seen, used = methods_mod.round_curvature, [], []
+
+    def spy(model, cfg, x, y, *a, **kw):
+        curv, seconds = real(model, cfg, x, y, *a, **kw)
+        seen.append((x.shape[0], {n: h.clone() for n, h in curv.items()}))
+        return curv, seconds
+
+    monkeypatch.setattr(methods_mod, "round_curvature", spy)
+    real_scores = Selector.scores
+    monkeypatch.setattr(Selector, "scores", lambda self, model, curv=None, neg=None: used.append(
+        {n: h.clone() for n, h in curv.items()}) or real_scores(self, model, curv, neg))
+    cfg = _cfg("obd", prune_schedule="gradual", total_epochs=4, prune_every=4, curvature_window=window)
+    with MaskWatch(monkeypatch) as watch:
+        prune_model(dense, data, cfg, targets=[0.7], progress=False)
+    assert len(seen) == len(used) == len(watch.pruned) == 4
+    assert [n for n, _ in seen] == [64] + [64 if window == 1 else 16] * 3
+    expected = seen[0][1]
+    for k, ((_, fresh), blended) in enumerate(zip(seen, used)):
+        if k:
+            expected = {n: (1 - 1 / window) * expected[n] + fresh[n] / window for n in fresh}
+        for n in fresh:
+            torch.testing.assert_close(blended[n], expected[n])
+
+
+def test_curvature_window_belongs_to_the_gradual_schedule():
+    with pytest.raises(UsageError, match="carries curvature across the steps"):
+        PruneConfig(curvature_window=4)
+    with pytest.raises(UsageError, match="curvature_window is a number of ramp steps"):
+        PruneConfig(prune_schedule="gradual", total_epochs=3, curvature_window=0)
+    with pytest.raises(UsageError, match="curvature_window"):
+        obdprune.Pruner(_net(), curvature_window=2)
 
 
 # ---------------------------------------------------------------------------------------- rewinding
@@ -331,11 +370,11 @@ def test_cli_flags_reach_the_config_and_defaults_stay_off():
     args = parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
                               "--prune-schedule", "gradual", "--total-epochs", "12", "--prune-every", "50",
                               "--lr-rewind", "--distill", "2", "0.5", "--update", "obs", "--criterion", "obs",
-                              "--l1-lambda", "auto", "--max-drop-rule", "forgive-one"])
+                              "--l1-lambda", "auto", "--max-drop-rule", "forgive-one", "--curvature-window", "3"])
     cfg = _prune_cfg(args, "hybrid")
     assert (cfg.prune_schedule.value, cfg.total_epochs, cfg.prune_every, cfg.lr_rewind, cfg.distill,
-            cfg.update.value, cfg.criterion.value, cfg.l1_lambda, cfg.max_drop_rule.value) == \
-        ("gradual", 12, 50, True, (2.0, 0.5), "obs", "obs", "auto", "forgive-one")
+            cfg.update.value, cfg.criterion.value, cfg.l1_lambda, cfg.max_drop_rule.value, cfg.curvature_window) == \
+        ("gradual", 12, 50, True, (2.0, 0.5), "obs", "obs", "auto", "forgive-one", 3)
     assert PruneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(UsageError, match="'auto'"):
         PruneConfig(l1_lambda="often")
