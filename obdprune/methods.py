@@ -747,11 +747,18 @@ def _run_gradual(path: _Path, resumed: bool, regularized: dict | None) -> None:
     """One continuous run of ``cfg.total_epochs``: ``reg_epochs`` before the ramp, the cubic ramp of
     :mod:`obdprune.gradual` pruning every ``prune_every`` steps, the fine-tuning epochs after it. A "round" is
     a pruning step; it is measured at the end of its segment, just before the next one (the last: at the end).
+    An ``l1_lambda="auto"`` search's epochs come out of ``total_epochs``, so every method trains as long.
     Curvature runs on :class:`RunningCurvature` estimates over ``curvature_window`` steps."""
     cfg, st, model = path.cfg, path.state, path.model
     steps_per_epoch = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
+    searched = st.l1_search["epochs"] if st.l1_search is not None else 0
+    epochs = cfg.total_epochs - searched
+    if searched and epochs <= cfg.reg_epochs + cfg.finetune.epochs:
+        raise UsageError(f"the l1_lambda='auto' search spent {searched} of total_epochs={cfg.total_epochs}, leaving "
+                         f"{epochs}: not more than the epochs before and after the ramp ({cfg.reg_epochs} + "
+                         f"{cfg.finetune.epochs}); raise total_epochs or give l1_lambda a value")
     ramp = plan_gradual(sorted(path.plan.targets | {round(path.plan.path[-1], 12)}), steps_per_epoch=steps_per_epoch,
-                        total_epochs=cfg.total_epochs, pre_epochs=cfg.reg_epochs, tail_epochs=cfg.finetune.epochs,
+                        total_epochs=epochs, pre_epochs=cfg.reg_epochs, tail_epochs=cfg.finetune.epochs,
                         prune_every=cfg.prune_every)
     at = {step: k for k, step in enumerate(ramp.steps)}
     path.reuse = RunningCurvature(cfg.curvature_window)
@@ -764,10 +771,10 @@ def _run_gradual(path: _Path, resumed: bool, regularized: dict | None) -> None:
             path.prune_to(ramp.sparsities[k], f"{cfg.method.value} ramp step {k + 1}")
             st.masks.zero_optimizer_state(opt, model)
 
-    train(model, path.splits.train, replace(cfg.finetune, epochs=cfg.total_epochs, seed=cfg.seed * 1000),
+    train(model, path.splits.train, replace(cfg.finetune, epochs=epochs, seed=cfg.seed * 1000),
           masks=lambda: st.masks, regularizer=path.reg, device=path.device, progress=path.progress,
           desc=f"{cfg.method.value} gradual", world=path.world, on_step=on_step,
-          **path.recovery.train_kwargs(cfg.total_epochs, steps_per_epoch))
+          **path.recovery.train_kwargs(epochs, steps_per_epoch))
     path.end_round(len(ramp.steps), ramp.sparsities[-1])
 
 

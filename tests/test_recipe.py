@@ -164,6 +164,20 @@ def test_gradual_obd_blends_curvature_over_its_window(tiny, monkeypatch, window)
             torch.testing.assert_close(blended[n], expected[n])
 
 
+def test_gradual_auto_lambda_search_comes_out_of_total_epochs(tiny, monkeypatch):
+    """The λ trials (4 strengths × 1 epoch) are part of total_epochs: the method trains 8 epochs in all."""
+    data, dense, _ = tiny
+    cfg = _cfg("l1", prune_schedule="gradual", total_epochs=8, prune_every=4, l1_lambda="auto")
+    with MaskWatch(monkeypatch) as watch:
+        results = prune_model(dense, data, cfg, targets=[0.5], progress=False)
+    searched = results[0].l1_search["epochs"]
+    assert searched == 4 and watch.steps == 8 * 8
+    plan = plan_gradual([0.5], steps_per_epoch=8, total_epochs=8 - searched, pre_epochs=1, tail_epochs=1, prune_every=4)
+    assert [s - searched * 8 for s, *_ in watch.pruned] == list(plan.steps)
+    with pytest.raises(UsageError, match="search spent 4 of total_epochs=6"):
+        prune_model(dense, data, replace(cfg, total_epochs=6), targets=[0.5], progress=False)
+
+
 def test_curvature_window_belongs_to_the_gradual_schedule():
     with pytest.raises(UsageError, match="carries curvature across the steps"):
         PruneConfig(curvature_window=4)
