@@ -113,7 +113,8 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--channel-multiple", type=_positive_int, default=1, metavar="N",
                    help="with --budget macs: every layer keeps a multiple of N units (or all); onnxruntime's "
                         "convolution kernels pad channels to 8 on AVX2 CPUs, to 16 with AVX-512")
-    p.add_argument("--layer-floor", type=_unit_interval, default=0.01, help="every layer keeps at least this fraction")
+    p.add_argument("--layer-floor", type=_unit_interval, default=0.005,
+                   help="every layer keeps at least this fraction (default 0.005)")
     p.add_argument("--min-units", type=_positive_int, default=4, help="channel granularity: every layer keeps at least N units "
                    "(all of them if it has fewer)")
     p.add_argument("--keep", nargs="+", default=[], metavar="NAME", help="channel granularity: layers (module names) "

@@ -31,7 +31,7 @@ from obdprune.compact import find_dead_units
 from obdprune.choices import Choice
 from obdprune.errors import UsageError
 from obdprune.layers import BATCH_NORM_TYPES, PRUNABLE_TYPES, is_depthwise, is_grouped, prunable_layers
-from obdprune.masking import MaskSet, Scope, prunable_weights
+from obdprune.masking import DEFAULT_LAYER_FLOOR, MaskSet, Scope, prunable_weights
 
 __all__ = [
     "Granularity", "UnitLayer", "UnitMember", "UnitAnalysis", "Exclusion", "DEFAULT_MIN_UNITS", "unit_analysis",
@@ -596,7 +596,7 @@ def select_unit_masks(
     total_weights: int,
     scope: Scope | str = Scope.GLOBAL,
     current: MaskSet | None = None,
-    layer_floor: float = 0.01,
+    layer_floor: float = DEFAULT_LAYER_FLOOR,
     min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:
     """Keep-masks removing whole units with the lowest scores.

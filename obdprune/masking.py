@@ -17,8 +17,14 @@ from obdprune.errors import UsageError
 from obdprune.layers import prunable_layers
 
 __all__ = [
+    "DEFAULT_LAYER_FLOOR",
     "Scope", "MaskSet", "prunable_weights", "select_masks", "masks_from_weights",
 ]
+
+DEFAULT_LAYER_FLOOR = 0.005
+"""Every layer keeps at least this share of its weights (units); half a percent, so that a 99 % target
+stays reachable when each layer's floor is rounded up to whole weights."""
+
 
 class Scope(Choice):
     """Where the sparsity target applies: across all layers at once, or to each layer alike."""
@@ -147,7 +153,7 @@ def select_masks(
     *,
     scope: Scope | str = Scope.GLOBAL,
     current: MaskSet | None = None,
-    layer_floor: float = 0.01,
+    layer_floor: float = DEFAULT_LAYER_FLOOR,
 ) -> MaskSet:
     """Keep-masks removing exactly ``round(sparsity * n)`` weights with the lowest scores.
 

@@ -41,7 +41,7 @@ from obdprune.errors import ObdpruneError, UsageError
 from obdprune.gradual import plan_gradual
 from obdprune.groups import DEFAULT_MIN_UNITS, Granularity
 from obdprune.lambda_search import search_l1_lambda
-from obdprune.masking import MaskSet, Scope, masks_from_weights, prunable_weights
+from obdprune.masking import DEFAULT_LAYER_FLOOR, MaskSet, Scope, masks_from_weights, prunable_weights
 from obdprune.measure import measured_sparsity
 from obdprune.obs import DEFAULT_DAMP, dampen, layer_hessians, obs_prune, obs_saliency
 from obdprune.recipe import Criterion, PruneSchedule, Recovery, WeightUpdate, check_distill
@@ -106,7 +106,7 @@ class PruneConfig:
 
     method: Method = Method.HYBRID
     scope: Scope = Scope.GLOBAL
-    layer_floor: float = 0.01
+    layer_floor: float = DEFAULT_LAYER_FLOOR
     prune_step: float = 0.6
     reg_epochs: int = 2
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.03, schedule="cosine"))

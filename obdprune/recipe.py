@@ -4,7 +4,8 @@ default (see :class:`~obdprune.methods.PruneConfig`).
 - ``prune_schedule``: :class:`PruneSchedule` ``rounds`` (prune → fine-tune rounds) or ``gradual`` (the
   cubic ramp of :mod:`obdprune.gradual` inside one continuous training run of ``total_epochs``);
 - ``lr_rewind``: every training phase replays the dense run's learning rates (Renda, Frankle & Carbin
-  2020): a phase of E epochs uses the rates of the dense schedule's last E epochs (:func:`rewound_lrs`);
+  2020): a phase of E epochs uses the rates of the dense schedule's last E epochs (:func:`rewound_lrs`;
+  a phase longer than the dense run replays all of it, stretched);
 - ``distill=(T, α)``: every training phase learns from the dense model (Hinton et al. 2015) with
   :func:`distillation_loss`;
 - ``criterion``: :class:`Criterion`, what ranks the weights (default: the method's own);
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -143,14 +144,16 @@ def rewound_lrs(dense: TrainConfig, steps_per_epoch: int, epochs: int) -> list[f
     """Learning-rate rewinding: the rates of the last ``epochs`` epochs of the dense run's schedule.
 
     The dense schedule is laid out over ``steps_per_epoch`` steps per epoch (the phase's own), so with the
-    dense run's batch size and data the sequence is exactly the dense run's tail.
+    dense run's batch size and data the sequence is exactly the dense run's tail. A phase longer than the
+    dense run (a long gradual run) rewinds to the start: the whole dense schedule, stretched to the phase.
 
     >>> [round(v, 4) for v in rewound_lrs(TrainConfig(epochs=2, lr=0.1, schedule="cosine"), 2, 1)]
     [0.05, 0.0146]
+    >>> [round(v, 4) for v in rewound_lrs(TrainConfig(epochs=1, lr=0.1, schedule="cosine"), 2, 2)]
+    [0.1, 0.0854, 0.05, 0.0146]
     """
     if epochs > dense.epochs:
-        raise UsageError(f"learning-rate rewinding replays the dense run's last epochs: a phase of {epochs} epochs "
-                         f"is longer than the dense run's {dense.epochs}; shorten the phase")
+        return lr_sequence(replace(dense, epochs=epochs), steps_per_epoch)
     return lr_sequence(dense, steps_per_epoch)[(dense.epochs - epochs) * steps_per_epoch:]
 
 

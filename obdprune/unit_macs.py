@@ -29,7 +29,7 @@ from torch import nn
 from obdprune.errors import UsageError
 from obdprune.groups import DEFAULT_MIN_UNITS, UnitLayer, checked_unit_scores, removed_units, unit_floor, unit_keep_masks
 from obdprune.layers import prunable_layers
-from obdprune.masking import MaskSet
+from obdprune.masking import DEFAULT_LAYER_FLOOR, MaskSet
 from obdprune.measure import macs_per_layer
 
 __all__ = ["LayerMacs", "MacModel", "mac_model", "min_kept", "select_units_by_macs", "select_units_uniformly"]
@@ -183,7 +183,7 @@ def select_units_by_macs(
     fraction: float,
     *,
     current: MaskSet | None = None,
-    layer_floor: float = 0.01,
+    layer_floor: float = DEFAULT_LAYER_FLOOR,
     multiple: int = 1,
     min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:
@@ -263,7 +263,7 @@ def select_units_uniformly(
     fraction: float,
     *,
     current: MaskSet | None = None,
-    layer_floor: float = 0.01,
+    layer_floor: float = DEFAULT_LAYER_FLOOR,
     multiple: int = 1,
     min_units: int = DEFAULT_MIN_UNITS,
 ) -> MaskSet:

@@ -206,9 +206,14 @@ def test_lr_rewind_replays_the_dense_schedule(tiny):
     assert len(set(tail)) > 1 and lrs == tail + tail  # the regularization phase, then one round
     with pytest.raises(UsageError, match="dense run's training schedule"):
         prune_model(dense, data, _cfg(lr_rewind=True), targets=[0.5], progress=False)
-    with pytest.raises(UsageError, match="longer than the dense run"):
-        prune_model(dense, data, _cfg(lr_rewind=True, prune_schedule="gradual", total_epochs=4, prune_every=2),
+    lrs.clear()  # a gradual run longer than the dense one replays the whole dense schedule, stretched
+    hook = register_optimizer_step_pre_hook(lambda opt, a, k: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        prune_model(dense, data, _cfg(lr_rewind=True, prune_schedule="gradual", total_epochs=6, prune_every=2),
                     targets=[0.5], progress=False, dense_train=dense_cfg)
+    finally:
+        hook.remove()
+    assert lrs == lr_sequence(replace(dense_cfg, epochs=6), 8) and max(lrs) == max(dense_lrs)
 
 
 # ------------------------------------------------------------------------------------- distillation
@@ -409,14 +414,14 @@ def test_cli_compare_gradual_with_the_recipe_records_budget_and_lambda(tmp_path,
     out = tmp_path / "cmp"
     argv = ["compare", "--dataset", "digits", "--train-limit", "300", "--test-limit", "100", "--model", "lenet300",
             "--epochs", "2", "--batch-size", "64", "--methods", "magnitude", "l1", "--sparsity", "0.5", "0.8",
-            "--max-drop", "3", "--max-drop-rule", "forgive-one", "--prune-schedule", "gradual", "--total-epochs", "2",
+            "--max-drop", "3", "--max-drop-rule", "forgive-one", "--prune-schedule", "gradual", "--total-epochs", "4",
             "--reg-epochs", "0", "--finetune-epochs", "1", "--prune-every", "1", "--lr-rewind", "--distill", "2",
             "0.5", "--l1-lambda", "auto", "--no-measure", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["prune"]["total_epochs"] == 2 and summary["prune"]["prune_schedule"] == "gradual"
+    assert summary["prune"]["total_epochs"] == 4 and summary["prune"]["prune_schedule"] == "gradual"
     report = (out / "report.md").read_text()
-    assert "inside one run of 2 epochs per method" in report and "λ searched on validation" in report
+    assert "inside one run of 4 epochs per method" in report and "λ searched on validation" in report
     l1 = [r for r in summary["results"] if r["method"] == "l1"]
     assert l1 and all(r["l1_lambda"] in {c["l1_lambda"] for c in r["l1_search"]["candidates"]} for r in l1)
     manifest = json.loads((out / "runs" / "l1-s0.8" / "manifest.json").read_text())
