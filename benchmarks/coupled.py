@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 import obdprune
 from obdprune.data import load_dataset
+from obdprune.errors import UsageError
 from obdprune.export import export_onnx
 from obdprune.measure import count_macs
 from obdprune.models import build_model
@@ -121,6 +122,10 @@ def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
+def _unreachable(labels: dict[str, str]) -> list[str]:
+    return [f"- {label}: not reachable ({why})" for label, why in labels.items()] + ([""] if labels else [])
+
+
 def _row_order(item: tuple[str, dict]) -> tuple:
     """dense first, then by MAC target; obdprune before Torch-Pruning within a target."""
     label = item[0]
@@ -179,6 +184,7 @@ def main() -> None:
     lines = [f"Fashion-MNIST ({len(data.train)} training images), seeds {args.seeds}; `{' '.join(sys.argv[1:])}`", ""]
     for name in args.models:
         rows: dict[str, dict[str, list[float]]] = {}
+        unreachable: dict[str, str] = {}
         for seed in args.seeds:
             torch.manual_seed(seed)
             dense = build_model(name, shape, 10)
@@ -192,12 +198,17 @@ def main() -> None:
                         scope, multiple = variant.split(":")
                         label = f"obdprune {method} {scope} x{multiple} {target}"
                         log(f"{name} seed {seed}: {label} ({time.time() - started:.0f} s)")
-                        res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
-                                             budget="macs", scope=scope, sparsity=target,
-                                             example_inputs=data.train.x[:2], channel_multiple=int(multiple),
-                                             reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
-                                             finetune_lr=args.lr, batch_size=args.batch_size,
-                                             curvature_samples=args.curvature_samples, seed=seed, progress=False)
+                        try:
+                            res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
+                                                 budget="macs", scope=scope, sparsity=target,
+                                                 example_inputs=data.train.x[:2], channel_multiple=int(multiple),
+                                                 reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
+                                                 finetune_lr=args.lr, batch_size=args.batch_size,
+                                                 curvature_samples=args.curvature_samples, seed=seed, progress=False)
+                        except UsageError as e:  # e.g. blocks of 16 on 16-wide layers cannot reach 0.3× MACs
+                            log(f"  not reachable: {str(e).splitlines()[0]}")
+                            unreachable.setdefault(label, str(e).splitlines()[0])
+                            continue
                         variants[label] = res.compact()
                 for imp in args.importances:
                     log(f"{name} seed {seed}: Torch-Pruning {imp} {target} ({time.time() - started:.0f} s)")
@@ -212,9 +223,9 @@ def main() -> None:
                     r.setdefault(k, []).append(v)
             log(f"{name} seed {seed} done after {time.time() - started:.0f} s")
             if args.out is not None:  # partial results survive an interrupted run
-                args.out.write_text("\n".join(lines + table(name, rows)) + "\n")
+                args.out.write_text("\n".join(lines + table(name, rows) + _unreachable(unreachable)) + "\n")
                 args.out.with_suffix(".json").write_text(json.dumps({"header": lines, "model": name, "seeds": args.seeds[:len(rows["dense"]["acc"])], "rows": rows}))
-        lines += table(name, rows)
+        lines += table(name, rows) + _unreachable(unreachable)
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
