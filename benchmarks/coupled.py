@@ -122,6 +122,36 @@ def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
+def best_table(rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Per MAC target: obdprune's and Torch-Pruning's most accurate variant (mean over seeds), side by side."""
+    dense_macs = statistics.mean(rows["dense"]["macs"])
+    targets = sorted({label.split()[-1] for label in rows if label != "dense"})
+    lines = ["| MACs removed | best obdprune | best Torch-Pruning | Δ (pt) | ORT b256 obdprune / TP | "
+             "torch b256 obdprune / TP |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        best = {}
+        for tool in ("obdprune", "TP"):
+            cands = [(statistics.mean(r["acc"]), label) for label, r in rows.items()
+                     if label.startswith(tool) and label.split()[-1] == t]
+            if cands:
+                best[tool] = max(cands)
+        if len(best) < 2:
+            continue
+
+        def cell(tool: str) -> str:
+            acc, label = best[tool]
+            r = rows[label]
+            sd = statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0.0
+            name = " ".join(label.split()[1:-1])
+            return f"{name} {acc:.2f} ± {sd:.2f} ({statistics.mean(r['macs']) / dense_macs:.3f}×)"
+
+        ratio = {k: " / ".join(f"{statistics.median(rows[best[tool][1]][k]):.2f}×" for tool in ("obdprune", "TP"))
+                 for k in ("ort256", "torch256")}
+        lines.append(f"| {t} | {cell('obdprune')} | {cell('TP')} | {best['obdprune'][0] - best['TP'][0]:+.2f} | "
+                     f"{ratio['ort256']} | {ratio['torch256']} |")
+    return lines + [""]
+
+
 def _unreachable(labels: dict[str, str]) -> list[str]:
     return [f"- {label}: not reachable ({why})" for label, why in labels.items()] + ([""] if labels else [])
 
@@ -173,7 +203,9 @@ def main() -> None:
                         rows.setdefault(label, {}).setdefault(k, []).append(v[i])
         text = "\n".join([f"Merged from {', '.join(str(f) for f in args.merge)}:", ""]
                          + [h for run in runs for h in run["header"][:1]] + [""]
-                         + table(runs[0]["model"], dict(sorted(rows.items(), key=_row_order))))
+                         + table(runs[0]["model"], dict(sorted(rows.items(), key=_row_order)))
+                         + ["Most accurate variant of each tool per target (mean ± std over seeds, MACs kept):", ""]
+                         + best_table(rows))
         print(text)
         if args.out is not None:
             args.out.write_text(text + "\n")
