@@ -82,9 +82,9 @@ _CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budge
             "curvature": CurvatureKind, "negative_curvature": NegativeCurvature, "prune_schedule": PruneSchedule,
             "update": WeightUpdate, "max_drop_rule": MaxDropRule}
 AUTO = "auto"
+"""``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
 DEFAULT_CURVATURE_WINDOW = 8
 """Ramp steps a gradual schedule's running curvature spans (:class:`RunningCurvature`)."""
-"""``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
 OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
 """Options that need obdprune's training loop (not a user's ``fine_tune``)."""
 PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "curvature_window")
