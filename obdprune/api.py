@@ -131,8 +131,10 @@ def prune(
       exactly zero and applies the L1 proximal step, whatever optimizer it creates.
     options: any :class:`~obdprune.methods.PruneConfig` field (``prune_step``, ``reg_epochs``, ``l1_lambda``,
       ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop;
-      the recovery recipe (``prune_schedule="gradual"`` with ``total_epochs``, ``lr_rewind``, ``distill=(T, α)``,
-      ``criterion="obs"``, ``update="obs"``, ``l1_lambda="auto"``, ``max_drop_rule``) is off unless asked for.
+      the recovery recipe: distillation from the dense model (``distill=(T, α)``, default (2, 0.5) in
+      obdprune's loop, off with ``fine_tune`` or ``distill=None``); ``prune_schedule="gradual"`` with
+      ``total_epochs``, ``lr_rewind``, ``criterion="obs"``, ``update="obs"``, ``l1_lambda="auto"`` and
+      ``max_drop_rule`` are off unless asked for.
     dense_train: the TrainConfig the dense model was trained with; ``lr_rewind=True`` replays its learning rates.
 
     Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)
@@ -152,6 +154,8 @@ def prune(
     targets = sparsity_targets(sparsity)
     if not targets and max_drop is None:
         raise UsageError("say how far to prune: sparsity=0.9 (a fraction), max_drop=0.5 (percentage points), or both")
+    if fine_tune is not None:  # distillation (on by default) needs obdprune's own loop: off with the user's
+        options = {"distill": None, **options}
     cfg = _config(method, granularity, budget, dict(options))
     data = _UserData(as_batches(train, "train"), as_batches(val, "val"),
                      as_batches(test, "test") if test is not None else None)
@@ -186,7 +190,7 @@ class Pruner:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.config = _config(method, granularity, budget, dict(options))
+        self.config = _config(method, granularity, budget, {"distill": None, **options})
         loop_only = self.config.recipe_set(PRUNE_LOOP)
         if loop_only:
             raise UsageError(f"{', '.join(loop_only)}: options of obdprune.prune's own loop; a Pruner steps inside "

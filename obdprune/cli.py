@@ -22,7 +22,7 @@ MODEL_HELP = ("lenet300, lenet5, lenet5-caffe, vgg-small, or your own as FILE.py
               "(FACTORY(input_shape=(C, H, W), num_classes=K) -> nn.Module). Your file is trusted code: it is run, like "
               "running a script; runs record its SHA-256 and are refused if it changes")
 DEMO = dict(dataset="fashion-mnist", model="lenet5", epochs=6, sparsity=[0.76, 0.9, 0.95], finetune_epochs=1,
-            reg_epochs=1, measure_repeats=10, out="obdprune-demo")
+            reg_epochs=1, prune_step=0.6, measure_repeats=10, out="obdprune-demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,9 +119,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    "(all of them if it has fewer)")
     p.add_argument("--keep", nargs="+", default=[], metavar="NAME", help="channel granularity: layers (module names) "
                    "that never lose units, e.g. the classifier head")
-    p.add_argument("--prune-step", type=_fraction_open, default=0.6,
+    p.add_argument("--prune-step", type=_fraction_open, default=0.3,
                    help="at most this fraction of the remaining weights (MACs with --budget macs) goes per round")
-    p.add_argument("--finetune-epochs", type=_nonneg_int, default=2, help="fine-tuning epochs after each round")
+    p.add_argument("--finetune-epochs", type=_nonneg_int, default=1, help="fine-tuning epochs after each round")
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
@@ -142,7 +142,7 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--max-drop-rule", default="first-failure",
                    help="first-failure (stop at the first round below dense - PP) or forgive-one (go on past one "
                         "round that misses by at most one standard error of its validation accuracy)")
-    recipe = p.add_argument_group("recovery recipe (all off by default; see README)")
+    recipe = p.add_argument_group("recovery recipe (off by default but for --distill 2 0.5; see README)")
     recipe.add_argument("--prune-schedule", default="rounds",
                         help="rounds (prune -> fine-tune) or gradual (cubic sparsity ramp inside one run of "
                              "--total-epochs; --schedule is the learning-rate schedule of dense training)")
@@ -157,8 +157,11 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                              "1/STEPS (1: afresh every step)")
     recipe.add_argument("--lr-rewind", action="store_true",
                         help="training phases replay the learning rates of the dense run's last epochs")
-    recipe.add_argument("--distill", type=_nonneg_float, nargs=2, default=None, metavar=("T", "ALPHA"),
-                        help="distill from the dense model: (1-ALPHA)·CE + ALPHA·T²·KL at temperature T")
+    recipe.add_argument("--distill", type=_nonneg_float, nargs=2, default=[2.0, 0.5], metavar=("T", "ALPHA"),
+                        help="distill from the dense model: (1-ALPHA)·CE + ALPHA·T²·KL at temperature T "
+                             "(default 2 0.5)")
+    recipe.add_argument("--no-distill", dest="distill", action="store_const", const=None,
+                        help="train on the labels alone (no distillation)")
     recipe.add_argument("--criterion", default=None,
                         help="what ranks weights: magnitude, obd or obs (default: the method's own)")
     recipe.add_argument("--update", default="none",
@@ -436,8 +439,8 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     argv = ["compare", "--dataset", DEMO["dataset"], "--model", DEMO["model"], "--epochs", str(DEMO["epochs"]),
             "--sparsity", *map(str, DEMO["sparsity"]), "--finetune-epochs", str(DEMO["finetune_epochs"]),
-            "--reg-epochs", str(DEMO["reg_epochs"]), "--out", args.out, "--seed", str(args.seed),
-            "--device", args.device, "--measure-repeats", str(DEMO["measure_repeats"])]
+            "--reg-epochs", str(DEMO["reg_epochs"]), "--prune-step", str(DEMO["prune_step"]), "--out", args.out,
+            "--seed", str(args.seed), "--device", args.device, "--measure-repeats", str(DEMO["measure_repeats"])]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.no_progress:

@@ -85,6 +85,9 @@ AUTO = "auto"
 """``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
 DEFAULT_CURVATURE_WINDOW = 8
 """Ramp steps a gradual schedule's running curvature spans (:class:`RunningCurvature`)."""
+DEFAULT_DISTILL = (2.0, 0.5)
+"""Distillation from the dense model, temperature 2 and weight 0.5: on by default in obdprune's own loop
+(chosen on validation with 0.3 prune steps and one fine-tuning epoch per round; BENCHMARKS.md)."""
 OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
 """Options that need obdprune's training loop (not a user's ``fine_tune``)."""
 PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "curvature_window")
@@ -97,7 +100,8 @@ class PruneConfig:
 
     Options may be given as strings; they are parsed once here into their enums. The recovery recipe
     (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
-    default; ``total_epochs``, ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running
+    default but for distillation from the dense model (``distill``, :data:`DEFAULT_DISTILL`; ``None`` turns it
+    off), which runs in obdprune's own loop only; ``total_epochs``, ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running
     curvature estimate spans) belong to ``prune_schedule="gradual"``.
 
     >>> PruneConfig(method="obd", granularity="channel").granularity
@@ -107,9 +111,9 @@ class PruneConfig:
     method: Method = Method.HYBRID
     scope: Scope = Scope.GLOBAL
     layer_floor: float = DEFAULT_LAYER_FLOOR
-    prune_step: float = 0.6
+    prune_step: float = 0.3
     reg_epochs: int = 2
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.03, schedule="cosine"))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.03, schedule="cosine"))
     l1_lambda: float | str | None = None  # None: DEFAULT_L1_LAMBDA of the granularity; AUTO: searched
     l1_mode: L1Mode = L1Mode.PROXIMAL
     curvature: CurvatureKind = CurvatureKind.GGN
@@ -128,7 +132,7 @@ class PruneConfig:
     prune_every: int = 100
     curvature_window: int = DEFAULT_CURVATURE_WINDOW
     lr_rewind: bool = False
-    distill: tuple[float, float] | None = None
+    distill: tuple[float, float] | None = DEFAULT_DISTILL
     criterion: Criterion | None = None  # None: the method's own (OBD for obd/hybrid, else magnitude)
     update: WeightUpdate = WeightUpdate.NONE
     obs_damp: float = DEFAULT_DAMP
@@ -208,14 +212,22 @@ class PruneConfig:
         return Criterion.OBD if self.method.second_order else Criterion.MAGNITUDE
 
     def recipe_set(self, names: Sequence[str]) -> list[str]:
-        """Those of the recipe options ``names`` set away from their defaults (``l1_lambda``: when AUTO).
+        """Those of the recipe options ``names`` that are on: set away from their defaults, ``l1_lambda`` when
+        AUTO, ``distill`` when not None (it is on by default).
 
-        >>> PruneConfig(lr_rewind=True, l1_lambda="auto").recipe_set(PRUNE_LOOP)
+        >>> PruneConfig(lr_rewind=True, l1_lambda="auto", distill=None).recipe_set(PRUNE_LOOP)
         ['lr_rewind', "l1_lambda='auto'"]
         """
         default = PruneConfig()
-        return [(f"{n}='auto'" if n == "l1_lambda" else n) for n in names
-                if (self.l1_lambda == AUTO if n == "l1_lambda" else getattr(self, n) != getattr(default, n))]
+
+        def on(n: str) -> bool:
+            if n == "l1_lambda":
+                return self.l1_lambda == AUTO
+            if n == "distill":
+                return self.distill is not None
+            return getattr(self, n) != getattr(default, n)
+
+        return [(f"{n}='auto'" if n == "l1_lambda" else n) for n in names if on(n)]
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -228,6 +240,7 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PruneConfig":
         d = dict(d)
+        d.setdefault("distill", None)  # written before distillation existed, so without it
         d["finetune"] = TrainConfig(**d["finetune"])
         return cls(**d)
 

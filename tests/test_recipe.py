@@ -52,7 +52,7 @@ def tiny():
 
 def _cfg(method="magnitude", **kw):
     kw = {"finetune": TrainConfig(epochs=1, lr=0.05, batch_size=BATCH, schedule="cosine"), "reg_epochs": 1,
-          "curvature_samples": 64, **kw}
+          "curvature_samples": 64, "prune_step": 0.6, "distill": None, **kw}
     return PruneConfig(method=method, **kw)
 
 
@@ -380,12 +380,16 @@ class _nothing:
 # ------------------------------------------------------------------------------------ front doors
 
 
-def test_cli_flags_reach_the_config_and_defaults_stay_off():
+def test_cli_flags_reach_the_config_and_defaults_are_the_librarys():
     parser = build_parser()
     args = parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o"])
-    cfg = _prune_cfg(args, "hybrid")
-    assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == [] and cfg.to_dict() == PruneConfig(
+    cfg = _prune_cfg(args, "hybrid")  # on by default: distillation alone
+    assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == ["distill"] and cfg.to_dict() == PruneConfig(
         finetune=cfg.finetune, method="hybrid").to_dict()
+    assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs) == (methods_mod.DEFAULT_DISTILL, 0.3, 1)
+    off = _prune_cfg(parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
+                                                "--no-distill"]), "hybrid")
+    assert off.distill is None and off.recipe_set(methods_mod.PRUNE_LOOP) == []
     args = parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
                               "--prune-schedule", "gradual", "--total-epochs", "12", "--prune-every", "50",
                               "--lr-rewind", "--distill", "2", "0.5", "--update", "obs", "--criterion", "obs",
@@ -403,6 +407,10 @@ def test_cli_flags_reach_the_config_and_defaults_stay_off():
 
 def test_own_training_options_refuse_a_users_fine_tune(tiny):
     data, dense, dense_cfg = tiny
+    seen = []  # the default distillation stays out of the user's loop, and so does its error
+    obdprune.prune(dense, data.train, data.val, sparsity=0.5, reg_epochs=0, progress=False,
+                   fine_tune=lambda m, e: seen.append(e))
+    assert seen and obdprune.Pruner(_net()).config.distill is None
     with pytest.raises(UsageError, match="lr_rewind, distill: need obdprune's own training loop"):
         obdprune.prune(dense, data.train, data.val, sparsity=0.5, lr_rewind=True, distill=(2, 0.5),
                        dense_train=dense_cfg, fine_tune=lambda m, e: None, progress=False)
