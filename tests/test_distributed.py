@@ -142,7 +142,7 @@ def test_two_rank_recipe_equals_one_process(two_ranks, recipe):
 # ---------------------------------------------------------------------------------------------- command line
 
 PRUNE = ["--method", "hybrid", "--sparsity", "0.5", "0.8", "0.9", "--reg-epochs", "1", "--finetune-epochs",
-         "1", "--batch-size", "64", "--curvature-samples", "128", "--no-progress"]
+         "1", "--prune-step", "0.6", "--batch-size", "64", "--curvature-samples", "128", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
