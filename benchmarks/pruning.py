@@ -89,7 +89,33 @@ def aggregate(model: str, summaries: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), rows
 
 
-def plot(model: str, rows: dict, dense: list[float], path: Path) -> None:
+def headline(model: str, rows: dict, summaries: list[dict]) -> str:
+    """Δ test (pt) per method and target, the hybrid's margin over magnitude against the seed-to-seed spread,
+    and the wall time of one (model, seed): the dense run plus every method's whole path."""
+    targets = sorted({k[1][1] for k in rows if k[1][0] == "target"})
+    lines = [f"| {model} | " + " | ".join(f"{100 * t:g} %" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for method in METHODS:
+        cells = [mean_std(rows[(method, ("target", t))]["delta"]) if (method, ("target", t)) in rows else "–"
+                 for t in targets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    margin = []
+    for t in targets:
+        h, m = rows.get(("hybrid", ("target", t))), rows.get(("magnitude", ("target", t)))
+        if not h or not m or len(h["delta"]) < 2:
+            margin.append("–")
+            continue
+        diff = [a - b for a, b in zip(h["delta"], m["delta"])]
+        spread = max(statistics.stdev(h["delta"]), statistics.stdev(m["delta"]))
+        margin.append(f"{statistics.mean(diff):+.2f} ({statistics.mean(diff) / spread:+.1f} sd)")
+    lines.append("| hybrid − magnitude | " + " | ".join(margin) + " |")
+    walls = [s["dense"]["seconds"] + sum(max(r["seconds"] for r in s["results"] if r["method"] == m)
+                                         for m in {r["method"] for r in s["results"]}) for s in summaries]
+    lines += ["", f"Wall time of one (model, seed), dense training and all four paths, one thread under the load "
+                  f"described above: {statistics.mean(walls) / 60:.1f} min (mean of {len(walls)})."]
+    return "\n".join(lines)
+
+
+def plot(model: str, rows: dict, dense: list[float], path: Path, dataset: str = "fashion-mnist") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +132,7 @@ def plot(model: str, rows: dict, dense: list[float], path: Path) -> None:
                         capsize=3, label=method)
     ax.set_xlabel("weights removed (%)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title(f"{model} on Fashion-MNIST")
+    ax.set_title(f"{model} on {dataset}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,8 +163,10 @@ def main() -> None:
         summaries = [json.loads((o / "summary.json").read_text()) for o, (m, _) in zip(outs, jobs) if m == model]
         table, rows = aggregate(model, summaries)
         png = Path(args.out) / f"{model}_accuracy_vs_sparsity.png"
-        plot(model, rows, [100 * s["dense"]["test_accuracy"] for s in summaries], png)
-        parts += [table, "", f"![{model}]({png.name})", ""]
+        plot(model, rows, [100 * s["dense"]["test_accuracy"] for s in summaries], png, args.dataset)
+        parts += [table, "", "Δ test (pt), mean ± std over seeds; hybrid − magnitude in points and in seed standard "
+                  "deviations (the larger of the two methods'):", "", headline(model, rows, summaries), "",
+                  f"![{model}]({png.name})", ""]
     text = "\n".join(parts)
     (Path(args.out) / "pruning.md").write_text(text)
     print(text)
