@@ -133,8 +133,8 @@ def prune(
       ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop;
       the recovery recipe: distillation from the dense model (``distill=(T, α)``, default (2, 0.5) in
       obdprune's loop, off with ``fine_tune`` or ``distill=None``); ``prune_schedule="gradual"`` with
-      ``total_epochs``, ``lr_rewind``, ``criterion="obs"``, ``update="obs"``, ``l1_lambda="auto"`` and
-      ``max_drop_rule`` are off unless asked for.
+      ``total_epochs``, ``lr_rewind``, ``criterion="obs"``, ``update="obs"`` and ``l1_lambda="auto"`` are
+      off unless asked for; ``max_drop_rule`` is ``"forgive-one"`` (``"first-failure"``: stop at the first miss).
     dense_train: the TrainConfig the dense model was trained with; ``lr_rewind=True`` replays its learning rates.
 
     Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)

@@ -139,9 +139,9 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="MC label draws per image (default 1) or Hutchinson probes (default 100)")
     p.add_argument("--negative-curvature", default="clamp", help="clamp, abs or keep (for Hessian estimates)")
     p.add_argument("--max-sparsity", type=_fraction_open, default=0.99, help="how far --max-drop searches")
-    p.add_argument("--max-drop-rule", default="first-failure",
-                   help="first-failure (stop at the first round below dense - PP) or forgive-one (go on past one "
-                        "round that misses by at most one standard error of its validation accuracy)")
+    p.add_argument("--max-drop-rule", default="forgive-one",
+                   help="forgive-one (default: go on past one round that misses by at most one standard error of its "
+                        "validation accuracy) or first-failure (stop at the first round below dense - PP)")
     recipe = p.add_argument_group("recovery recipe (off by default but for --distill 2 0.5; see README)")
     recipe.add_argument("--prune-schedule", default="rounds",
                         help="rounds (prune -> fine-tune) or gradual (cubic sparsity ramp inside one run of "

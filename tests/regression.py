@@ -25,7 +25,8 @@ STUDIES = {
 COMMON = ["--dataset", "fashion-mnist", "--model", "lenet5", "--train-limit", "800", "--test-limit", "300",
           "--epochs", "1", "--reg-epochs", "1", "--finetune-epochs", "1", "--curvature-samples", "256",
           "--batch-size", "64", "--no-measure", "--no-progress", "--seed", "3",
-          "--no-distill"]  # the defaults of the reference's time, pinned (the steps of 0.6 in "element" too)
+          "--no-distill", "--max-drop-rule", "first-failure"]  # the reference's defaults, pinned (steps of 0.6 too)
+PINS = ("--no-distill", "--max-drop-rule", "first-failure")  # left out for code older than these options
 KEYS = ("method", "round", "sparsity", "nonzero_weights", "val_accuracy", "test_accuracy", "macs_removed",
         "target_sparsity", "max_drop")
 
@@ -56,7 +57,7 @@ def weights_close(a: dict, b: dict, rel: float = 1e-4) -> bool:
 def study_fingerprint(out: Path, study: str, main, pinned: bool = True) -> dict:
     """Run one study with the CLI's ``main`` into ``out`` and reduce it."""
     torch.set_num_threads(1)
-    args = [*COMMON, *STUDIES[study]] if pinned else [a for a in [*COMMON, *STUDIES[study]] if a != "--no-distill"]
+    args = [*COMMON, *STUDIES[study]] if pinned else [a for a in [*COMMON, *STUDIES[study]] if a not in PINS]
     assert main(["compare", *args, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     results = []

@@ -307,7 +307,7 @@ def test_pruner_takes_the_obs_criterion_and_update_but_refuses_loop_options(tiny
     masks = pruner.step(0.5, data=data.train)
     assert pruner.sparsity == pytest.approx(0.5, abs=1e-2)
     assert all(bool((p[~masks[n]] == 0).all()) for n, p in prunable_weights(model).items())
-    for bad in ({"lr_rewind": True}, {"distill": (2, 0.5)}, {"l1_lambda": "auto"}, {"max_drop_rule": "forgive-one"},
+    for bad in ({"lr_rewind": True}, {"distill": (2, 0.5)}, {"l1_lambda": "auto"}, {"max_drop_rule": "first-failure"},
                 {"prune_schedule": "gradual", "total_epochs": 3}):
         with pytest.raises(UsageError, match="a Pruner steps inside yours"):
             obdprune.Pruner(_net(), **bad)
@@ -386,7 +386,8 @@ def test_cli_flags_reach_the_config_and_defaults_are_the_librarys():
     cfg = _prune_cfg(args, "hybrid")  # on by default: distillation alone
     assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == ["distill"] and cfg.to_dict() == PruneConfig(
         finetune=cfg.finetune, method="hybrid").to_dict()
-    assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs) == (methods_mod.DEFAULT_DISTILL, 0.3, 1)
+    assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs, cfg.max_drop_rule.value) == \
+        (methods_mod.DEFAULT_DISTILL, 0.3, 1, "forgive-one")
     off = _prune_cfg(parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
                                                 "--no-distill"]), "hybrid")
     assert off.distill is None and off.recipe_set(methods_mod.PRUNE_LOOP) == []
