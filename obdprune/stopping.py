@@ -5,9 +5,9 @@ Validation accuracy p on n images is a binomial proportion with standard error S
 val ≥ dense − PP. Rounds are judged in order of increasing sparsity, and the result is the last round
 that held before the search stopped (the dense model if none did).
 
-- ``first-failure`` (the default): the search stops at the first round that does not hold. One unlucky
-  round early in the path ends it, so the same data can give 0% on one seed and 76% on the next.
-- ``forgive-one``: a round that misses the line by at most one SE of its own accuracy
+- ``first-failure``: the search stops at the first round that does not hold. One unlucky round early in
+  the path ends it, so the same data can give 0% on one seed and 76% on the next.
+- ``forgive-one`` (the default): a round that misses the line by at most one SE of its own accuracy
   (dense − PP − SE ≤ val < dense − PP) is a *noisy failure*; the search goes on after a noisy failure
   when the round before it held (or it is the first round). It stops at a round below
   dense − PP − SE, or at a second failure in a row. A noisy failure is never returned.
