@@ -101,8 +101,9 @@ class PruneConfig:
     Options may be given as strings; they are parsed once here into their enums. The recovery recipe
     (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
     default but for distillation from the dense model (``distill``, :data:`DEFAULT_DISTILL`; ``None`` turns it
-    off), which runs in obdprune's own loop only, and the ``forgive-one`` max-drop rule; ``total_epochs``, ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running
-    curvature estimate spans) belong to ``prune_schedule="gradual"``.
+    off), which runs in obdprune's own loop only, and the ``forgive-one`` max-drop rule; ``total_epochs``,
+    ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running curvature estimate spans)
+    belong to ``prune_schedule="gradual"``.
 
     >>> PruneConfig(method="obd", granularity="channel").granularity
     <Granularity.CHANNEL: 'channel'>
