@@ -106,7 +106,7 @@ def headline(model: str, rows: dict, summaries: list[dict]) -> str:
             continue
         diff = [a - b for a, b in zip(h["delta"], m["delta"])]
         spread = max(statistics.stdev(h["delta"]), statistics.stdev(m["delta"]))
-        margin.append(f"{statistics.mean(diff):+.2f} ({statistics.mean(diff) / spread:+.1f} sd)")
+        margin.append(f"{statistics.mean(diff):+.2f}" + (f" ({statistics.mean(diff) / spread:+.1f} sd)" if spread else ""))
     lines.append("| hybrid − magnitude | " + " | ".join(margin) + " |")
     walls = [s["dense"]["seconds"] + sum(max(r["seconds"] for r in s["results"] if r["method"] == m)
                                          for m in {r["method"] for r in s["results"]}) for s in summaries]

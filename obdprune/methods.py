@@ -595,7 +595,8 @@ def _check_request(targets: list[float], max_drop: float | None, cfg: PruneConfi
         raise UsageError("the L1 penalty form adds to obdprune's own loss; with fine_tune use l1_mode='proximal'")
     own = cfg.recipe_set(OWN_TRAINING)
     if fine_tune is not None and own:
-        raise UsageError(f"{', '.join(own)}: need obdprune's own training loop; leave out fine_tune")
+        hint = " (distillation is on by default: distill=None turns it off)" if "distill" in own else ""
+        raise UsageError(f"{', '.join(own)}: need obdprune's own training loop; leave out fine_tune{hint}")
 
 
 @dataclass

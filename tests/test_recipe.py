@@ -412,6 +412,8 @@ def test_own_training_options_refuse_a_users_fine_tune(tiny):
     obdprune.prune(dense, data.train, data.val, sparsity=0.5, reg_epochs=0, progress=False,
                    fine_tune=lambda m, e: seen.append(e))
     assert seen and obdprune.Pruner(_net()).config.distill is None
+    with pytest.raises(UsageError, match="distill=None turns it off"):  # the loop itself, with its default config
+        prune_model(dense, data, PruneConfig(reg_epochs=0), targets=[0.5], progress=False, fine_tune=lambda m, e: None)
     with pytest.raises(UsageError, match="lr_rewind, distill: need obdprune's own training loop"):
         obdprune.prune(dense, data.train, data.val, sparsity=0.5, lr_rewind=True, distill=(2, 0.5),
                        dense_train=dense_cfg, fine_tune=lambda m, e: None, progress=False)
