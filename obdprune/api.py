@@ -20,8 +20,9 @@ from obdprune.compact import compact as compact_model
 from obdprune.constraints import StepConstraints, StepHandle
 from obdprune.distributed import current, shard
 from obdprune.errors import UsageError
+from obdprune.groups import Granularity
 from obdprune.masking import MaskSet
-from obdprune.methods import (PRUNE_LOOP, FineTune, Method, PruneConfig, PrunePoint, beyond_limit,
+from obdprune.methods import (FIXED_L1_LAMBDA, PRUNE_LOOP, FineTune, Method, PruneConfig, PrunePoint, beyond_limit,
                               measured_sparsity, prune_model, prune_step, sparsity_targets)
 from obdprune.regularize import NoRegularizer
 from obdprune.selection import make_selector
@@ -41,6 +42,15 @@ def _config(method: str | Method, granularity: str, budget: str, options: dict) 
     train_kw = {_TRAIN_OPTIONS[k]: options.pop(k) for k in list(options) if k in _TRAIN_OPTIONS}
     finetune = dataclasses.replace(PruneConfig().finetune, **train_kw)
     return PruneConfig(method=method, granularity=granularity, budget=budget, finetune=finetune, **options)
+
+
+def _user_loop_defaults(granularity: str, options: dict) -> dict:
+    """Defaults where the user's loop trains: no distillation (it needs obdprune's loss) and a given L1
+    strength (a search would run every trial as a whole phase of the user's loop)."""
+    options = {"distill": None, **options}
+    if options.get("l1_lambda") is None:
+        options["l1_lambda"] = FIXED_L1_LAMBDA[Granularity.parse(granularity)]
+    return options
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -132,9 +142,11 @@ def prune(
     options: any :class:`~obdprune.methods.PruneConfig` field (``prune_step``, ``reg_epochs``, ``l1_lambda``,
       ``curvature``, ``seed``, ...) and ``finetune_epochs``, ``finetune_lr``, ``batch_size`` for obdprune's loop;
       the recovery recipe: distillation from the dense model (``distill=(T, α)``, default (2, 0.5) in
-      obdprune's loop, off with ``fine_tune`` or ``distill=None``); ``prune_schedule="gradual"`` with
-      ``total_epochs``, ``lr_rewind``, ``criterion="obs"``, ``update="obs"`` and ``l1_lambda="auto"`` are
-      off unless asked for; ``max_drop_rule`` is ``"forgive-one"`` (``"first-failure"``: stop at the first miss).
+      obdprune's loop, off with ``fine_tune`` or ``distill=None``); the L1 strength searched on ``val``
+      (``l1_lambda="auto"``, the default for element granularity in obdprune's loop; with ``fine_tune`` and
+      for channels a given strength); ``prune_schedule="gradual"`` with ``total_epochs``, ``lr_rewind``,
+      ``criterion="obs"`` and ``update="obs"`` are off unless asked for; ``max_drop_rule`` is
+      ``"forgive-one"`` (``"first-failure"``: stop at the first miss).
     dense_train: the TrainConfig the dense model was trained with; ``lr_rewind=True`` replays its learning rates.
 
     Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)
@@ -154,8 +166,8 @@ def prune(
     targets = sparsity_targets(sparsity)
     if not targets and max_drop is None:
         raise UsageError("say how far to prune: sparsity=0.9 (a fraction), max_drop=0.5 (percentage points), or both")
-    if fine_tune is not None:  # distillation (on by default) needs obdprune's own loop: off with the user's
-        options = {"distill": None, **options}
+    if fine_tune is not None:
+        options = _user_loop_defaults(granularity, options)
     cfg = _config(method, granularity, budget, dict(options))
     data = _UserData(as_batches(train, "train"), as_batches(val, "val"),
                      as_batches(test, "test") if test is not None else None)
@@ -190,7 +202,7 @@ class Pruner:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.config = _config(method, granularity, budget, {"distill": None, **options})
+        self.config = _config(method, granularity, budget, _user_loop_defaults(granularity, options))
         loop_only = self.config.recipe_set(PRUNE_LOOP)
         if loop_only:
             raise UsageError(f"{', '.join(loop_only)}: options of obdprune.prune's own loop; a Pruner steps inside "

@@ -19,7 +19,7 @@ import torch
 
 from obdprune.errors import UsageError
 
-__all__ = ["Batches", "TensorBatches", "LoaderBatches", "as_batches"]
+__all__ = ["Batches", "TensorBatches", "LoaderBatches", "PartBatches", "as_batches"]
 
 HINT = "pass a DataLoader, a list of (inputs, targets) batches, or an (inputs, targets) pair of tensors"
 
@@ -53,6 +53,15 @@ class Batches:
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def part(self, index: int, parts: int) -> "PartBatches":
+        """Training epochs of every ``parts``-th batch from batch ``index``: 1/parts of the steps.
+
+        >>> b = TensorBatches(torch.zeros(10, 1), torch.zeros(10, dtype=torch.long)).part(1, 2)
+        >>> b.steps_per_epoch(2), len(list(b.epoch(2, torch.Generator())))
+        (2, 2)
+        """
+        return PartBatches(self, index, parts)
 
 
 class TensorBatches(Batches):
@@ -133,6 +142,42 @@ class LoaderBatches(Batches):
         for x, _ in self._batches():
             return x[:1]
         raise UsageError(f"{self.what} yielded no batches; {HINT}")
+
+
+class PartBatches(Batches):
+    """``base``'s training batches ``index``, ``index + parts``, ... of each epoch: ``parts`` of these (one per
+    index) together cost one epoch of ``base``. Every rank under torchrun skips the same steps. Evaluation,
+    samples and the example input are ``base``'s own."""
+
+    def __init__(self, base: Batches, index: int, parts: int):
+        if not 0 <= index < parts:
+            raise ValueError(f"part {index} of {parts}")
+        self.base, self.index, self.parts = base, index, parts
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        n = self.base.steps_per_epoch(batch_size)
+        return None if n is None else len(range(self.index, n, self.parts))
+
+    def global_batch_sizes(self, batch_size: int) -> list[int] | None:
+        sizes = self.base.global_batch_sizes(batch_size)
+        return None if sizes is None else sizes[self.index::self.parts]
+
+    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, batch in enumerate(self.base.epoch(batch_size, generator)):
+            if i % self.parts == self.index:
+                yield batch
+
+    def eval_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.base.eval_batches(batch_size)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.sample(n, generator)
+
+    def example(self) -> torch.Tensor:
+        return self.base.example()
 
 
 def _checked_batch(batch: Any, what: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:

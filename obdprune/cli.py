@@ -119,14 +119,14 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    "(all of them if it has fewer)")
     p.add_argument("--keep", nargs="+", default=[], metavar="NAME", help="channel granularity: layers (module names) "
                    "that never lose units, e.g. the classifier head")
-    p.add_argument("--prune-step", type=_fraction_open, default=0.3,
+    p.add_argument("--prune-step", type=_fraction_open, default=0.15,
                    help="at most this fraction of the remaining weights (MACs with --budget macs) goes per round")
     p.add_argument("--finetune-epochs", type=_nonneg_int, default=1, help="fine-tuning epochs after each round")
     p.add_argument("--finetune-lr", type=_positive_float, default=0.03)
     p.add_argument("--reg-epochs", type=_nonneg_int, default=2,
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
     p.add_argument("--l1-lambda", type=_l1_lambda, default=None,
-                   help="L1 strength λ (group lasso for channel); default 2e-3 for element, 3e-4 for channel; auto: "
+                   help="L1 strength λ (group lasso for channel); default auto for element, 3e-4 for channel; auto: "
                         "λ = ρ/(number of Conv/Linear weights), ρ chosen on the validation split (README)")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
     p.add_argument("--curvature", default="ggn",

@@ -10,10 +10,11 @@ group lasso the same λ multiplies Σ_g √|g|·‖w_g‖₂ (see :mod:`obdprune
 
 Each candidate ρ of :data:`AUTO_L1_STRENGTHS` gets a short trial on a copy of the dense model: the
 method's regularization phase (``reg_epochs``, at least one epoch) with λ = ρ/N, then one-shot magnitude
-pruning to the probe sparsity (the largest target), then its validation accuracy. The highest validation
-accuracy wins (ties: the weaker strength). Test data is never seen. The trials' epochs count toward the
-method's budget and are reported; when the trial is exactly the method's regularization phase, the
-winner's regularized weights are reused and that phase is not run again.
+pruning to each probe sparsity (the requested targets), then its validation accuracy; a candidate scores
+the mean over the probes. The highest score wins (ties: the weaker strength). Test data is never seen.
+In obdprune's loop the K candidates' trials share one phase's budget (trial k trains on every K-th
+batch), and the winner's regularized weights become the method's regularization phase, so a searched
+λ costs no more epochs than a given one; the trials' epochs are reported.
 """
 from __future__ import annotations
 
@@ -62,13 +63,15 @@ class LambdaChoice:
                 "epochs": self.epochs, "seconds": self.seconds}
 
 
-def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float], None], epochs: int,
-                     probe: Callable[[nn.Module], MaskSet], val: Batches, device: torch.device,
+def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float, int], None], epochs: int,
+                     probe: Callable[[nn.Module], list[MaskSet]], val: Batches, device: torch.device,
                      world: World | None = None, strengths: Sequence[float] | None = None) -> LambdaChoice:
     """Try every strength on a copy of ``model`` (left unchanged) and choose on ``val``.
 
-    regularize(model, λ): the regularized phase of ``epochs`` epochs, in place.
-    probe(model): masks of the one-shot probe pruning (applied here before validation).
+    regularize(model, λ, k): the k-th candidate's trial of the regularization phase, in place.
+    epochs: what all the trials together cost, in epochs of the training data (reported).
+    probe(model): the masks of one-shot pruning to each probe target; a candidate's score is its mean
+      validation accuracy over them (a target where every candidate collapses adds the same to each).
     world: under torchrun, every rank calls this alike and the validation counts are all-reduced.
     Returns the choice with the winner's weights after ``regularize`` (before the probe).
     """
@@ -78,14 +81,18 @@ def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float
     t0 = time.perf_counter()
     best: tuple[float, float, float, dict] = (-1.0, 0.0, 0.0, {})
     candidates = []
-    for rho in strengths:
+    for k, rho in enumerate(strengths):
         lam = lambda_from_strength(rho, model)
         trial = copy.deepcopy(model)
-        regularize(trial, lam)
-        state = {k: v.detach().cpu().clone() for k, v in trial.state_dict().items()}
-        probe(trial).apply(trial)
-        acc, _ = evaluate(trial, val, device=device, world=world)
-        candidates.append({"strength": rho, "l1_lambda": lam, "val_accuracy": acc})
+        regularize(trial, lam, k)
+        state = {n: v.detach().cpu().clone() for n, v in trial.state_dict().items()}
+        accs = []
+        for masks in probe(trial):
+            pruned = copy.deepcopy(trial)
+            masks.apply(pruned)
+            accs.append(evaluate(pruned, val, device=device, world=world)[0])
+        acc = sum(accs) / len(accs)
+        candidates.append({"strength": rho, "l1_lambda": lam, "val_accuracy": acc, "probe_accuracies": accs})
         if acc > best[0]:
             best = (acc, rho, lam, state)
-    return LambdaChoice(best[2], best[1], candidates, epochs * len(strengths), time.perf_counter() - t0, best[3])
+    return LambdaChoice(best[2], best[1], candidates, epochs, time.perf_counter() - t0, best[3])

@@ -40,6 +40,7 @@ from obdprune.distributed import World, all_reduce_mean, barrier, broadcast_obje
 from obdprune.errors import ObdpruneError, UsageError
 from obdprune.gradual import plan_gradual
 from obdprune.groups import DEFAULT_MIN_UNITS, Granularity
+from obdprune import lambda_search
 from obdprune.lambda_search import search_l1_lambda
 from obdprune.masking import DEFAULT_LAYER_FLOOR, MaskSet, Scope, masks_from_weights, prunable_weights
 from obdprune.measure import measured_sparsity
@@ -76,18 +77,23 @@ class Method(Choice):
 
 # Chosen on the validation split (BENCHMARKS.md): L1 on lenet5; group lasso on lenet5 and lenet5-caffe,
 # where 2e-3 zeroed so many units during the first regularized epoch that no round held 0.5 points.
-DEFAULT_L1_LAMBDA = {Granularity.ELEMENT: 2e-3, Granularity.CHANNEL: 3e-4}
+FIXED_L1_LAMBDA = {Granularity.ELEMENT: 2e-3, Granularity.CHANNEL: 3e-4}
+"""The given strengths where no search runs: a user's ``fine_tune`` or :class:`~obdprune.api.Pruner`."""
 
 _CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budget": Budget, "l1_mode": L1Mode,
             "curvature": CurvatureKind, "negative_curvature": NegativeCurvature, "prune_schedule": PruneSchedule,
             "update": WeightUpdate, "max_drop_rule": MaxDropRule}
 AUTO = "auto"
 """``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
+DEFAULT_L1_LAMBDA = {Granularity.ELEMENT: AUTO, Granularity.CHANNEL: FIXED_L1_LAMBDA[Granularity.CHANNEL]}
+"""``l1_lambda=None`` in obdprune's loop: searched for single weights (on validation, it matched or beat the
+fixed 2e-3 on lenet5, lenet300 and lenet5-caffe; BENCHMARKS.md); group lasso keeps its given strength."""
 DEFAULT_CURVATURE_WINDOW = 8
 """Ramp steps a gradual schedule's running curvature spans (:class:`RunningCurvature`)."""
 DEFAULT_DISTILL = (2.0, 0.5)
 """Distillation from the dense model, temperature 2 and weight 0.5: on by default in obdprune's own loop
-(chosen on validation with 0.3 prune steps and one fine-tuning epoch per round; BENCHMARKS.md)."""
+(chosen on validation with 0.3 prune steps and one fine-tuning epoch per round, then kept with the 0.15
+steps that beat them on validation for every method; BENCHMARKS.md)."""
 OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
 """Options that need obdprune's training loop (not a user's ``fine_tune``)."""
 PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "curvature_window")
@@ -101,7 +107,8 @@ class PruneConfig:
     Options may be given as strings; they are parsed once here into their enums. The recovery recipe
     (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
     default but for distillation from the dense model (``distill``, :data:`DEFAULT_DISTILL`; ``None`` turns it
-    off), which runs in obdprune's own loop only, and the ``forgive-one`` max-drop rule; ``total_epochs``,
+    off), the L1 strength searched on validation for element granularity (:data:`DEFAULT_L1_LAMBDA`; a
+    number turns it off), both in obdprune's own loop only, and the ``forgive-one`` max-drop rule; ``total_epochs``,
     ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running curvature estimate spans)
     belong to ``prune_schedule="gradual"``.
 
@@ -112,7 +119,7 @@ class PruneConfig:
     method: Method = Method.HYBRID
     scope: Scope = Scope.GLOBAL
     layer_floor: float = DEFAULT_LAYER_FLOOR
-    prune_step: float = 0.3
+    prune_step: float = 0.15
     reg_epochs: int = 2
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.03, schedule="cosine"))
     l1_lambda: float | str | None = None  # None: DEFAULT_L1_LAMBDA of the granularity; AUTO: searched
@@ -383,14 +390,14 @@ def _phase_runner(cfg: PruneConfig, train_data: Batches, fine_tune: FineTune | N
     every step of any optimizer it creates. Under torchrun the user's ``fine_tune`` gets the model wrapped
     in DistributedDataParallel."""
     if fine_tune is None:
-        steps = train_data.steps_per_epoch(cfg.finetune.batch_size)
-
-        def run(model, epochs, seed, desc, masks, reg) -> None:
-            train(model, train_data, replace(cfg.finetune, epochs=epochs, seed=seed), masks=masks, regularizer=reg,
+        def run(model, epochs, seed, desc, masks, reg, data: Batches | None = None) -> None:
+            data = train_data if data is None else data
+            steps = data.steps_per_epoch(cfg.finetune.batch_size)
+            train(model, data, replace(cfg.finetune, epochs=epochs, seed=seed), masks=masks, regularizer=reg,
                   device=device, progress=progress, desc=desc, world=world, **recovery.train_kwargs(epochs, steps))
         return run
 
-    def run_user(model, epochs, seed, desc, masks, reg) -> None:
+    def run_user(model, epochs, seed, desc, masks, reg, data: Batches | None = None) -> None:
         with StepConstraints(model, masks, reg).every_optimizer():
             fine_tune(wrap(model, world), epochs)
     return run_user
@@ -579,7 +586,8 @@ def prune_model(
     path = _Path(cfg, model, splits, selector, _plan(selector, model, cfg, targets, max_drop), example, state,
                  _Snapshots(checkpoint if schedule is _run_rounds else None, world, model, gen, time.perf_counter()),
                  gen, device, world, progress, _phase_runner(cfg, splits.train, fine_tune, device, progress, world,
-                                                             recovery), recovery, max_drop, dense_val_accuracy, on_round)
+                                                             recovery), recovery, max_drop, dense_val_accuracy, on_round,
+                 own_loop=fine_tune is None)
     resumed = path.snapshots.resume(state, device)
     path.reg, regularized = _regularizer(path)
     schedule(path, resumed, regularized)
@@ -657,6 +665,7 @@ class _Path:
     max_drop: float | None
     dense_val_accuracy: float
     on_round: Callable[[dict], None] | None
+    own_loop: bool = True  # False: phases run the user's fine_tune
     reg: Regularizer = field(default_factory=NoRegularizer)
     reuse: RunningCurvature | None = None  # set by the gradual schedule
 
@@ -724,22 +733,32 @@ def _regularizer(path: _Path) -> tuple[Regularizer, dict | None]:
 
 
 def _search_lambda(path: _Path):
-    """``l1_lambda="auto"``: trials of the regularization phase (at least one epoch), each probed by one-shot
-    magnitude pruning to the largest target (with a max drop only: to the path's end, at most 0.9), chosen on
-    validation (:func:`obdprune.lambda_search.search_l1_lambda`)."""
+    """``l1_lambda="auto"``: trials of the regularization phase (``reg_epochs``, at least one), each probed by
+    one-shot magnitude pruning to every requested target (with a max drop only: to the path's end, at most
+    0.9), chosen on validation (:func:`obdprune.lambda_search.search_l1_lambda`).
+
+    In obdprune's loop the K trials share that phase's budget: trial k trains on every K-th batch of each
+    epoch, so the search costs ``max(1, reg_epochs)`` epochs in all, as long as the phase it replaces. A
+    user's ``fine_tune`` (or fewer batches per epoch than candidates) gets whole epochs per trial instead."""
     cfg, selector, model = path.cfg, path.selector, path.model
     epochs = max(1, cfg.reg_epochs)
-    probe_target = max(path.plan.targets) if path.plan.targets else min(0.9, path.plan.path[-1])
+    strengths = lambda_search.AUTO_L1_STRENGTHS
+    steps = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
+    shared = path.own_loop and steps is not None and steps >= len(strengths)
+    parts = len(strengths) if shared else 1
+    probe_targets = (sorted(path.plan.targets) if path.plan.targets else [min(0.9, path.plan.path[-1])])
 
-    def regularize(m: nn.Module, lam: float) -> None:
-        path.run_phase(m, epochs, cfg.seed * 1000, f"{cfg.method.value} λ={lam:.3g}", MaskSet.dense(m),
-                       selector.regularizer(lam, cfg.l1_mode))
+    def regularize(m: nn.Module, lam: float, k: int) -> None:
+        path.run_phase(m, epochs, cfg.seed * 1000 + k, f"{cfg.method.value} λ={lam:.3g}", MaskSet.dense(m),
+                       selector.regularizer(lam, cfg.l1_mode), data=path.splits.train.part(k, parts) if shared
+                       else None)
 
-    def probe(m: nn.Module) -> MaskSet:
-        return selector.select(selector.magnitude_scores(m), probe_target, MaskSet.dense(m), m)
+    def probe(m: nn.Module) -> list[MaskSet]:
+        scores = selector.magnitude_scores(m)
+        return [selector.select(scores, t, MaskSet.dense(m), m) for t in probe_targets]
 
-    return search_l1_lambda(model, regularize=regularize, epochs=epochs, probe=probe, val=path.splits.val,
-                            device=path.device, world=path.world)
+    return search_l1_lambda(model, regularize=regularize, epochs=epochs * len(strengths) // parts, probe=probe,
+                            val=path.splits.val, device=path.device, world=path.world, strengths=strengths)
 
 
 def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 STUDIES = {
     "element": ["--sparsity", "0.5", "0.8", "--max-drop", "1.0", "--max-sparsity", "0.9", "--prune-step", "0.6",
-                "--methods", "magnitude", "l1", "obd", "hybrid"],
+                "--l1-lambda", "2e-3", "--methods", "magnitude", "l1", "obd", "hybrid"],  # the reference's λ
     "channel-macs": ["--sparsity", "0.3", "--granularity", "channel", "--budget", "macs", "--channel-multiple", "2",
                      "--prune-step", "0.3", "--methods", "obd", "hybrid"],
 }

@@ -165,17 +165,17 @@ def test_gradual_obd_blends_curvature_over_its_window(tiny, monkeypatch, window)
 
 
 def test_gradual_auto_lambda_search_comes_out_of_total_epochs(tiny, monkeypatch):
-    """The λ trials (4 strengths × 1 epoch) are part of total_epochs: the method trains 8 epochs in all."""
+    """The λ trials (4 strengths sharing 1 epoch) are part of total_epochs: the method trains 8 epochs in all."""
     data, dense, _ = tiny
     cfg = _cfg("l1", prune_schedule="gradual", total_epochs=8, prune_every=4, l1_lambda="auto")
     with MaskWatch(monkeypatch) as watch:
         results = prune_model(dense, data, cfg, targets=[0.5], progress=False)
     searched = results[0].l1_search["epochs"]
-    assert searched == 4 and watch.steps == 8 * 8
+    assert searched == 1 and watch.steps == 8 * 8
     plan = plan_gradual([0.5], steps_per_epoch=8, total_epochs=8 - searched, pre_epochs=1, tail_epochs=1, prune_every=4)
     assert [s - searched * 8 for s, *_ in watch.pruned] == list(plan.steps)
-    with pytest.raises(UsageError, match="search spent 4 of total_epochs=6"):
-        prune_model(dense, data, replace(cfg, total_epochs=6), targets=[0.5], progress=False)
+    with pytest.raises(UsageError, match="search spent 1 of total_epochs=3"):
+        prune_model(dense, data, replace(cfg, total_epochs=3), targets=[0.5], progress=False)
 
 
 def test_curvature_window_belongs_to_the_gradual_schedule():
@@ -350,6 +350,53 @@ def test_auto_lambda_is_chosen_on_validation_never_on_test(monkeypatch):
     assert lambda_from_strength(64.0, nn.Linear(4, 8)) == 2.0  # λ = ρ / number of Conv/Linear weights
 
 
+def test_auto_lambda_trials_share_the_regularization_phase_so_every_method_trains_as_long(tiny, monkeypatch):
+    """Rounds: 4 candidates × every 4th batch of 2 epochs = the 2 regularization epochs magnitude trains;
+    the winner's weights are that phase, so l1 with a searched λ takes exactly magnitude's optimizer steps.
+    Each candidate is scored by the mean of its one-shot probes at every target."""
+    data, dense, _ = tiny
+    steps = {}
+    for method, lam in [("magnitude", None), ("l1", "auto")]:
+        with MaskWatch(monkeypatch) as watch:
+            points = prune_model(dense, data, _cfg(method, reg_epochs=2, l1_lambda=lam), targets=[0.5, 0.8],
+                                 progress=False)
+        steps[method] = watch.steps
+    assert steps["l1"] == steps["magnitude"] == 8 * (2 + 2)  # 2 regularization epochs, 2 rounds of 1
+    search = points[0].l1_search
+    assert search["epochs"] == 2 and len(search["candidates"]) == len(lambda_search.AUTO_L1_STRENGTHS)
+    for c in search["candidates"]:
+        assert len(c["probe_accuracies"]) == 2
+        assert c["val_accuracy"] == pytest.approx(sum(c["probe_accuracies"]) / 2)
+    assert search["l1_lambda"] == max(search["candidates"], key=lambda c: c["val_accuracy"])["l1_lambda"]
+
+
+def test_part_batches_split_each_epoch_into_disjoint_shares():
+    x, y = torch.arange(20.0).reshape(20, 1), torch.arange(20)
+    from obdprune.batches import TensorBatches
+
+    full = TensorBatches(x, y)
+    whole = [b[1].tolist() for b in full.epoch(3, torch.Generator().manual_seed(5))]  # 7 batches
+    parts = [[b[1].tolist() for b in full.part(k, 3).epoch(3, torch.Generator().manual_seed(5))] for k in range(3)]
+    assert [len(p) for p in parts] == [full.part(k, 3).steps_per_epoch(3) for k in range(3)] == [3, 2, 2]
+    assert [whole[i] for i in range(7)] == [parts[i % 3][i // 3] for i in range(7)]
+    with pytest.raises(ValueError):
+        full.part(3, 3)
+
+
+def test_lambda_is_searched_in_obdprunes_loop_and_given_in_the_users(tiny):
+    from obdprune.groups import Granularity
+
+    assert PruneConfig().l1_lambda == "auto"
+    assert PruneConfig(granularity="channel").l1_lambda == methods_mod.FIXED_L1_LAMBDA[Granularity.CHANNEL]
+    assert obdprune.Pruner(_net(), method="l1").config.l1_lambda == methods_mod.FIXED_L1_LAMBDA[Granularity.ELEMENT]
+    assert obdprune.Pruner(_net(), method="l1", l1_lambda=1e-4).config.l1_lambda == 1e-4
+    data, dense, _ = tiny
+    result = obdprune.prune(dense, data.train, data.val, method="l1", sparsity=0.5, reg_epochs=0, progress=False,
+                            fine_tune=lambda m, e: None)
+    assert result.config.l1_lambda == methods_mod.FIXED_L1_LAMBDA[Granularity.ELEMENT]
+    assert result.points[0].l1_search is None
+
+
 # --------------------------------------------------------------------------------------- max drop
 
 
@@ -383,14 +430,17 @@ class _nothing:
 def test_cli_flags_reach_the_config_and_defaults_are_the_librarys():
     parser = build_parser()
     args = parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o"])
-    cfg = _prune_cfg(args, "hybrid")  # on by default: distillation alone
-    assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == ["distill"] and cfg.to_dict() == PruneConfig(
-        finetune=cfg.finetune, method="hybrid").to_dict()
-    assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs, cfg.max_drop_rule.value) == \
-        (methods_mod.DEFAULT_DISTILL, 0.3, 1, "forgive-one")
+    cfg = _prune_cfg(args, "hybrid")  # on by default: distillation and the λ search
+    assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == ["distill", "l1_lambda='auto'"] and cfg.to_dict() == \
+        PruneConfig(finetune=cfg.finetune, method="hybrid").to_dict()
+    assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs, cfg.max_drop_rule.value, cfg.l1_lambda) == \
+        (methods_mod.DEFAULT_DISTILL, 0.15, 1, "forgive-one", "auto")
     off = _prune_cfg(parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
-                                                "--no-distill"]), "hybrid")
+                                        "--no-distill", "--l1-lambda", "2e-3"]), "hybrid")
     assert off.distill is None and off.recipe_set(methods_mod.PRUNE_LOOP) == []
+    channel = _prune_cfg(parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
+                                            "--granularity", "channel"]), "hybrid")
+    assert channel.l1_lambda == methods_mod.FIXED_L1_LAMBDA[channel.granularity]  # group lasso: a given strength
     args = parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
                               "--prune-schedule", "gradual", "--total-epochs", "12", "--prune-every", "50",
                               "--lr-rewind", "--distill", "2", "0.5", "--update", "obs", "--criterion", "obs",

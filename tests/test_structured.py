@@ -286,7 +286,7 @@ def test_cli_prune_channel_then_evaluate_loads_bias_masks(tmp_path, capsys):
 
 
 def test_l1_lambda_default_depends_on_granularity_and_is_recorded():
-    assert PruneConfig().l1_lambda == 2e-3
+    assert PruneConfig().l1_lambda == "auto" and PruneConfig().to_dict()["l1_lambda"] == "auto"  # searched
     cfg = PruneConfig(granularity="channel")
     assert cfg.l1_lambda == 3e-4 and cfg.to_dict()["l1_lambda"] == 3e-4  # the manifest records the value used
     assert PruneConfig(granularity="channel", l1_lambda=0.0).l1_lambda == 0.0
