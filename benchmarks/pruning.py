@@ -2,7 +2,9 @@
 
 Each (model, seed) is one `obdprune compare` process with one torch thread; `--jobs` run side by side.
 Results land in OUT/<model>/seed<k>/ (summary.json, report.md, plot, runs) and the aggregate in
-OUT/pruning.md plus one accuracy-vs-sparsity plot per model (mean ± std over seeds).
+OUT/pruning.md plus one accuracy-vs-sparsity plot per model (mean ± std over seeds). A (model, seed) may
+instead have run as method groups, one `compare --methods ...` each, in OUT/<model>/seed<k>-<group>/ (to
+spread one seed over several cores); their summaries are joined when the dense models agree.
 
     python benchmarks/pruning.py --models lenet5 lenet300 lenet5-caffe --seeds 0 1 2 --out bench-out/pruning
 """
@@ -24,8 +26,28 @@ from pathlib import Path
 METHODS = ("magnitude", "l1", "obd", "hybrid")
 
 
+def merge_parts(out: Path) -> bool:
+    """Join the studies of one (model, seed) that ran as method groups in ``<out>-<group>/`` (one compare
+    per group, each training the same dense model) into ``out/summary.json``; False when there are none.
+    The dense models must agree (test and validation accuracy), else the parts are not one study."""
+    parts = sorted(out.parent.glob(f"{out.name}-*/summary.json"))
+    if not parts:
+        return False
+    summaries = [json.loads(p.read_text()) for p in parts]
+    dense = {(s["dense"]["test_accuracy"], s["dense"]["val_accuracy"]) for s in summaries}
+    if len(dense) != 1:
+        raise SystemExit(f"{out}: the method groups trained different dense models {sorted(dense)}")
+    merged = dict(summaries[0], results=[r for s in summaries for r in s["results"]],
+                  parts=[str(p.parent) for p in parts])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(merged, indent=1))
+    return True
+
+
 def run_one(model: str, seed: int, args, extra: list[str]) -> Path:
     out = Path(args.out) / model / f"seed{seed}"
+    if not (out / "summary.json").exists() and merge_parts(out):
+        return out
     if (out / "summary.json").exists() and not args.force:
         s = json.loads((out / "summary.json").read_text())
         if len(s["results"]) == len(METHODS) * (len(args.sparsity) + (args.max_drop is not None)):
