@@ -146,7 +146,7 @@ def prune(
       (``l1_lambda="auto"``, the default for element granularity in obdprune's loop; with ``fine_tune`` and
       for channels a given strength); ``prune_schedule="gradual"`` with ``total_epochs``, ``lr_rewind``,
       ``criterion="obs"`` and ``update="obs"`` are off unless asked for; ``max_drop_rule`` is
-      ``"forgive-one"`` (``"first-failure"``: stop at the first miss).
+      ``"monotone"`` (:mod:`obdprune.stopping`; ``"forgive-one"``, ``"first-failure"``).
     dense_train: the TrainConfig the dense model was trained with; ``lr_rewind=True`` replays its learning rates.
 
     Under torchrun (with the process group initialized, e.g. by :func:`obdprune.distributed.process_group`)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ class RoundState:
     curvature_seconds: float
     seconds: float
     l1_search: dict | None = None
+    val_history: list[float] = field(default_factory=list)
 
 
 def _put(tensors: dict[str, torch.Tensor], prefix: str, state: dict[str, torch.Tensor], masks: MaskSet) -> None:
@@ -139,7 +140,7 @@ class RoundStore:
                 held=result("held", meta["held"]) if meta["held"] is not None else None,
                 failed=bool(meta["failed"]), stop=bool(meta["stop"]),
                 curvature_seconds=float(meta["curvature_seconds"]), seconds=float(meta["seconds"]),
-                l1_search=meta.get("l1_search"))
+                l1_search=meta.get("l1_search"), val_history=[float(v) for v in meta.get("val_history", [])])
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{path}: unreadable round snapshot ({e}); delete {self.state.folder} to start "
                                  f"over") from None
@@ -155,7 +156,8 @@ class RoundStore:
         meta = {"round": st.round, "failed": st.failed, "stop": st.stop,
                 "curvature_seconds": st.curvature_seconds, "seconds": st.seconds,
                 "results": [r.to_dict() for r in st.results],
-                "held": st.held.to_dict() if st.held is not None else None, "l1_search": st.l1_search}
+                "held": st.held.to_dict() if st.held is not None else None, "l1_search": st.l1_search,
+                "val_history": list(st.val_history)}
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
         name = f"{CHECKPOINTS}/{slug}-r{st.round:04d}.safetensors"
         atomic_write(self.state.folder / name, lambda tmp: save_file(

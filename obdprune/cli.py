@@ -139,8 +139,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="MC label draws per image (default 1) or Hutchinson probes (default 100)")
     p.add_argument("--negative-curvature", default="clamp", help="clamp, abs or keep (for Hessian estimates)")
     p.add_argument("--max-sparsity", type=_fraction_open, default=0.99, help="how far --max-drop searches")
-    p.add_argument("--max-drop-rule", default="forgive-one",
-                   help="forgive-one (default: go on past one round that misses by at most one standard error of its "
+    p.add_argument("--max-drop-rule", default="monotone",
+                   help="monotone (default: a round holds while the best non-increasing fit of the rounds' validation "
+                        "accuracies is on or above dense - PP), forgive-one (go on past one round that misses by at "
+                        "most one standard error of its "
                         "validation accuracy) or first-failure (stop at the first round below dense - PP)")
     recipe = p.add_argument_group("recovery recipe (off by default but for --distill 2 0.5; see README)")
     recipe.add_argument("--prune-schedule", default="rounds",

@@ -108,7 +108,7 @@ class PruneConfig:
     (:mod:`obdprune.recipe`: ``prune_schedule`` … ``max_drop_rule``, and ``l1_lambda="auto"``) is off by
     default but for distillation from the dense model (``distill``, :data:`DEFAULT_DISTILL`; ``None`` turns it
     off), the L1 strength searched on validation for element granularity (:data:`DEFAULT_L1_LAMBDA`; a
-    number turns it off), both in obdprune's own loop only, and the ``forgive-one`` max-drop rule; ``total_epochs``,
+    number turns it off), both in obdprune's own loop only, and the ``monotone`` max-drop rule; ``total_epochs``,
     ``prune_every`` (optimizer steps) and ``curvature_window`` (ramp steps a running curvature estimate spans)
     belong to ``prune_schedule="gradual"``.
 
@@ -144,7 +144,7 @@ class PruneConfig:
     criterion: Criterion | None = None  # None: the method's own (OBD for obd/hybrid, else magnitude)
     update: WeightUpdate = WeightUpdate.NONE
     obs_damp: float = DEFAULT_DAMP
-    max_drop_rule: MaxDropRule = MaxDropRule.FORGIVE_ONE
+    max_drop_rule: MaxDropRule = MaxDropRule.MONOTONE
 
     def __post_init__(self) -> None:
         for name, choice in _CHOICES.items():
@@ -530,6 +530,7 @@ class _Progress:
     round: int = 0
     curvature_seconds: float = 0.0
     l1_search: dict | None = None
+    val_history: list[float] = field(default_factory=list)  # every round's validation accuracy, in order
 
 
 def prune_model(
@@ -625,7 +626,7 @@ class _Snapshots:
             self.checkpoint.save(RoundState(state.round, self.model.state_dict(), state.masks,
                                             self.generator.get_state(), state.results, state.held, state.failed,
                                             state.stop, state.curvature_seconds, time.perf_counter() - self.start,
-                                            state.l1_search))
+                                            state.l1_search, state.val_history))
         barrier(self.world)
 
     def resume(self, state: _Progress, device: torch.device) -> bool:
@@ -639,6 +640,7 @@ class _Snapshots:
         state.masks, state.results, state.held = resumed.masks.to(device), resumed.results, resumed.held
         state.failed, state.stop, state.round = resumed.failed, resumed.stop, resumed.round
         state.curvature_seconds, state.l1_search = resumed.curvature_seconds, resumed.l1_search
+        state.val_history = list(resumed.val_history)
         self.generator.set_state(resumed.generator_state)
         self.start -= resumed.seconds
         return True
@@ -690,9 +692,10 @@ class _Path:
         key = round(target, 12)
         if key in self.plan.targets and all(round(r.target_sparsity, 12) != key for r in st.results):
             st.results.append(self._with_test(point, target_sparsity=target))
+        st.val_history.append(point.val_accuracy)
         if self.max_drop is not None and not st.failed:
             previous_held = rnd == 1 or (st.held is not None and st.held.round == rnd - 1)
-            verdict = judge(self.cfg.max_drop_rule, point.val_accuracy, len(self.splits.val), self.dense_val_accuracy,
+            verdict = judge(self.cfg.max_drop_rule, st.val_history, len(self.splits.val), self.dense_val_accuracy,
                             self.max_drop, previous_held)
             if verdict is Verdict.HOLD:
                 st.held = self._with_test(point, max_drop=self.max_drop)

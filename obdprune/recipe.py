@@ -1,5 +1,5 @@
 """The recovery recipe: what a pruning run may add to plain prune → fine-tune rounds. Distillation
-(T = 2, α = 0.5) and the ``forgive-one`` max-drop rule are on by default, every other part is off (see
+(T = 2, α = 0.5) and the ``monotone`` max-drop rule are on by default, every other part is off (see
 :class:`~obdprune.methods.PruneConfig`; the choice on validation is in BENCHMARKS.md).
 
 - ``prune_schedule``: :class:`PruneSchedule` ``rounds`` (prune → fine-tune rounds) or ``gradual`` (the

@@ -102,7 +102,7 @@ def _schedule_lines(prune: dict) -> list[str]:
                                     ("OBS weight update", prune.get("update") == "obs"),
                                     ("λ searched on validation", prune.get("l1_lambda") == "auto"),
                                     (f"max-drop rule {prune.get('max_drop_rule')}",
-                                     prune.get("max_drop_rule") not in (None, "forgive-one"))) if on]
+                                     prune.get("max_drop_rule") not in (None, "monotone"))) if on]
     if recipe:
         text += " Recovery recipe: " + ", ".join(recipe) + "."
     return [text + " Validation accuracy ± its standard error √(p(1−p)/n).", ""]

@@ -23,7 +23,7 @@ CURVATURES = ("ggn", "empirical-fisher", "ggn-mc", "hessian-hutchinson")
 GRANULARITIES = ("element", "channel")
 RECIPES = {  # the recovery recipe's options on the element path; a max drop exercises the max-drop rule
     "recipe-rounds": dict(distill=(2.0, 0.5), lr_rewind=True, criterion="obs", update="obs", l1_lambda="auto",
-                          max_drop_rule="forgive-one", max_sparsity=0.9),
+                          max_drop_rule="monotone", max_sparsity=0.9),
     "recipe-gradual": dict(prune_schedule="gradual", total_epochs=3, prune_every=1, distill=(2.0, 0.5),
                            update="obs", max_sparsity=0.9),
 }

@@ -124,7 +124,7 @@ def test_two_rank_prune_equals_one_process(two_ranks, granularity):
 @pytest.mark.parametrize("recipe", list(ddp_worker.RECIPES))
 def test_two_rank_recipe_equals_one_process(two_ranks, recipe):
     """The recovery recipe under torchrun (distillation, rewinding, OBS criterion and update with Hessians
-    all-reduced, the λ search, the forgive-one rule, the gradual run): the same masks as one process on both
+    all-reduced, the λ search, the monotone max-drop rule, the gradual run): the same masks as one process on both
     ranks, weights to 1e-9."""
     a, b = two_ranks
     one = ddp_worker.flat(recipe, ddp_worker.prune_recipe(recipe))

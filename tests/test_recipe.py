@@ -23,7 +23,7 @@ from obdprune.masking import prunable_weights
 from obdprune.methods import PruneConfig, measured_sparsity, prune_model
 from obdprune.selection import Selector
 from obdprune.recipe import Distillation, distillation_loss, lr_sequence
-from obdprune.stopping import standard_error
+from obdprune.stopping import choose_max_drop, standard_error
 from obdprune.train import TrainConfig, train
 
 BATCH = 32  # 256 training images: 8 steps per epoch
@@ -400,13 +400,15 @@ def test_lambda_is_searched_in_obdprunes_loop_and_given_in_the_users(tiny):
 # --------------------------------------------------------------------------------------- max drop
 
 
-def test_forgive_one_in_the_loop_goes_past_a_noisy_first_round(tiny, monkeypatch):
+def test_max_drop_rules_in_the_loop_return_what_the_rule_returns_on_the_sequence(tiny, monkeypatch):
     data, dense, _ = tiny
     n_val = len(data.val[1])
     line = 0.95 - 0.01
     se = standard_error(line, n_val)
-    for rule, expected in [("first-failure", 0), ("forgive-one", 2)]:
-        vals = iter([line - 0.5 * se, line + 0.001, line - 0.2, line - 0.2, line - 0.2])
+    readings = [line + 0.5 * se, line - 0.4 * se, line + 0.1 * se, line - 0.2, line - 0.2]  # 3 rounds: 60/84/90 %
+    for rule, expected in [("first-failure", 1), ("forgive-one", 3), ("monotone", 1)]:
+        assert choose_max_drop(rule, readings[:3], n_val, 0.95, 1.0) == expected  # the loop agrees with the rule
+        vals = iter(readings)
         fake = lambda model, d, **kw: (next(vals), 0.0) if d.y is data.val[1] else (0.5, 0.0)  # noqa: E731
         monkeypatch.setattr(methods_mod, "evaluate", fake)
         with pytest.warns(RuntimeWarning) if expected == 0 else _nothing():
@@ -434,7 +436,7 @@ def test_cli_flags_reach_the_config_and_defaults_are_the_librarys():
     assert cfg.recipe_set(methods_mod.PRUNE_LOOP) == ["distill", "l1_lambda='auto'"] and cfg.to_dict() == \
         PruneConfig(finetune=cfg.finetune, method="hybrid").to_dict()
     assert (cfg.distill, cfg.prune_step, cfg.finetune.epochs, cfg.max_drop_rule.value, cfg.l1_lambda) == \
-        (methods_mod.DEFAULT_DISTILL, 0.15, 1, "forgive-one", "auto")
+        (methods_mod.DEFAULT_DISTILL, 0.15, 1, "monotone", "auto")
     off = _prune_cfg(parser.parse_args(["prune", "run", "--method", "hybrid", "--sparsity", "0.9", "--out", "o",
                                         "--no-distill", "--l1-lambda", "2e-3"]), "hybrid")
     assert off.distill is None and off.recipe_set(methods_mod.PRUNE_LOOP) == []
