@@ -46,7 +46,7 @@ def merge_parts(out: Path) -> bool:
 
 def run_one(model: str, seed: int, args, extra: list[str]) -> Path:
     out = Path(args.out) / model / f"seed{seed}"
-    if not (out / "summary.json").exists() and merge_parts(out):
+    if merge_parts(out):  # joined afresh every time: a group may have finished since
         return out
     if (out / "summary.json").exists() and not args.force:
         s = json.loads((out / "summary.json").read_text())
