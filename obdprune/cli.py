@@ -129,6 +129,8 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="L1 strength λ (group lasso for channel); default auto for element, 3e-4 for channel; auto: "
                         "λ = ρ/(number of Conv/Linear weights), ρ chosen on the validation split (README)")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
+    p.add_argument("--l1-ramp", action="store_true", help="rounds: λ·s/s_end while pruning toward sparsity s, so the "
+                   "L1 strength grows along the path and reaches λ at its end")
     p.add_argument("--curvature", default="ggn",
                    help=f"one of: {', '.join(c.value for c in CurvatureKind)} (exact GGN diagonal, its Monte Carlo "
                         "estimate, mean squared per-sample gradient, Hutchinson Hessian diagonal); the old names "
@@ -311,6 +313,7 @@ def _prune_cfg(args, method: str):
                      schedule="cosine", seed=args.seed)
     return PruneConfig(method=method, scope=args.scope, layer_floor=args.layer_floor, prune_step=args.prune_step,
                        reg_epochs=args.reg_epochs, finetune=ft, l1_lambda=args.l1_lambda, l1_mode=args.l1_mode,
+                       l1_ramp=args.l1_ramp,
                        curvature=args.curvature, curvature_samples=args.curvature_samples,
                        curvature_draws=args.curvature_draws,
                        negative_curvature=args.negative_curvature, max_sparsity=args.max_sparsity, seed=args.seed,

@@ -96,7 +96,7 @@ DEFAULT_DISTILL = (2.0, 0.5)
 steps that beat them on validation for every method; BENCHMARKS.md)."""
 OWN_TRAINING = ("prune_schedule", "lr_rewind", "distill")
 """Options that need obdprune's training loop (not a user's ``fine_tune``)."""
-PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "curvature_window")
+PRUNE_LOOP = (*OWN_TRAINING, "max_drop_rule", "l1_lambda", "l1_ramp", "curvature_window")
 """Options that only :func:`prune_model` applies (not a :class:`~obdprune.api.Pruner` in the user's loop)."""
 
 
@@ -124,6 +124,7 @@ class PruneConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.03, schedule="cosine"))
     l1_lambda: float | str | None = None  # None: DEFAULT_L1_LAMBDA of the granularity; AUTO: searched
     l1_mode: L1Mode = L1Mode.PROXIMAL
+    l1_ramp: bool = False  # rounds: λ·s/s_end while pruning toward sparsity s (the path's end s_end gets λ)
     curvature: CurvatureKind = CurvatureKind.GGN
     curvature_samples: int = 1024
     curvature_draws: int | None = None
@@ -202,6 +203,10 @@ class PruneConfig:
         if (isinstance(self.curvature_window, bool) or not isinstance(self.curvature_window, int)
                 or self.curvature_window < 1):
             raise UsageError(f"curvature_window is a number of ramp steps >= 1, got {self.curvature_window!r}")
+        if not isinstance(self.l1_ramp, bool):
+            raise UsageError(f"l1_ramp is True or False, got {self.l1_ramp!r}")
+        if self.l1_ramp and gradual:
+            raise UsageError("l1_ramp scales λ round by round; the gradual schedule keeps one λ for its one run")
         if not isinstance(self.lr_rewind, bool):
             raise UsageError(f"lr_rewind is True or False, got {self.lr_rewind!r}")
         if not (self.obs_damp >= 0 and math.isfinite(self.obs_damp)):
@@ -707,6 +712,14 @@ class _Path:
     def _with_test(self, point: PrunePoint, **kw) -> PrunePoint:
         return _with_test(point, self.model, self.splits, self.device, self.world, **kw)
 
+    def reg_toward(self, target: float) -> Regularizer:
+        """The regularizer of a phase that trains toward ``target`` sparsity: the method's own, or with
+        ``l1_ramp`` its strength scaled by target / (the path's last point), so λ grows along the path."""
+        if not self.cfg.l1_ramp or not self.cfg.method.regularized:
+            return self.reg
+        lam = self.state.l1_search["l1_lambda"] if self.state.l1_search is not None else self.cfg.l1_lambda
+        return self.selector.regularizer(lam * min(1.0, target / self.plan.path[-1]), self.cfg.l1_mode)
+
     def finish(self, dense: nn.Module) -> list[PrunePoint]:
         """The target points and the max-drop choice, with the searched λ when ``l1_lambda="auto"``."""
         st = self.state
@@ -771,11 +784,13 @@ def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:
         if regularized is not None:
             model.load_state_dict(regularized)
         else:
-            path.run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method} regularize", st.masks, path.reg)
+            path.run_phase(model, cfg.reg_epochs, cfg.seed * 1000, f"{method} regularize", st.masks,
+                           path.reg_toward(path.plan.path[0]))
         path.snapshots.save(st)
     for rnd, target in [] if st.stop else list(enumerate(path.plan.path, start=1))[st.round:]:
         path.prune_to(target, f"{method} round {rnd}")
-        path.run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method} {target:.3f}", st.masks, path.reg)
+        path.run_phase(model, cfg.finetune.epochs, cfg.seed * 1000 + rnd, f"{method} {target:.3f}", st.masks,
+                       path.reg_toward(target))
         if path.end_round(rnd, target):
             break
 

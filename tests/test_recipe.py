@@ -370,6 +370,33 @@ def test_auto_lambda_trials_share_the_regularization_phase_so_every_method_train
     assert search["l1_lambda"] == max(search["candidates"], key=lambda c: c["val_accuracy"])["l1_lambda"]
 
 
+def test_l1_ramp_grows_lambda_along_the_path_and_masks_hold(tiny, monkeypatch):
+    data, dense, _ = tiny
+    seen = {}
+    real = methods_mod._phase_runner
+
+    def recording(*a, **kw):
+        run = real(*a, **kw)
+
+        def rec(model, epochs, seed, desc, masks, reg, data=None):
+            seen.setdefault(ramp, []).append(reg.lam)
+            return run(model, epochs, seed, desc, masks, reg, data=data)
+        return rec
+
+    monkeypatch.setattr(methods_mod, "_phase_runner", recording)
+    for ramp in (False, True):
+        with MaskWatch(monkeypatch) as watch:
+            points = prune_model(dense, data, _cfg("l1", l1_lambda=1e-3, l1_ramp=ramp), targets=[0.5, 0.8],
+                                 progress=False)
+        assert watch.checks > 0 and [p.target_sparsity for p in points] == [0.5, 0.8]
+    assert seen[False] == [1e-3] * 3  # the regularization phase and two rounds
+    assert seen[True] == pytest.approx([1e-3 * 0.5 / 0.8, 1e-3 * 0.5 / 0.8, 1e-3])
+    with pytest.raises(UsageError, match="l1_ramp"):
+        PruneConfig(l1_ramp=True, prune_schedule="gradual", total_epochs=4)
+    with pytest.raises(UsageError, match="l1_ramp"):
+        obdprune.Pruner(_net(), l1_ramp=True)
+
+
 def test_part_batches_split_each_epoch_into_disjoint_shares():
     x, y = torch.arange(20.0).reshape(20, 1), torch.arange(20)
     from obdprune.batches import TensorBatches
