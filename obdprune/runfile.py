@@ -105,13 +105,20 @@ class LoadedRun:
         self.model, self.manifest, self.masks, self.path = model, manifest, masks, path
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """The first 9 bytes of a safetensors file: its JSON header's length (u64, little-endian), then ``{``."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
 def refuse_pickle(path: Path) -> None:
     """Refuse pickle-based checkpoints: loading them can execute arbitrary code."""
     looks_pickle = path.suffix.lower() in PICKLE_SUFFIXES
     if not looks_pickle and path.is_file():
         with open(path, "rb") as fh:
-            head = fh.read(2)
-        looks_pickle = head[:1] == b"\x80" or head == b"PK"  # pickle protocol >= 2, or torch's zip container
+            head = fh.read(9)
+        # pickle protocol >= 2, or torch's zip container; a safetensors header length may start with 0x80 too
+        looks_pickle = (head[:1] == b"\x80" or head[:2] == b"PK") and not _is_safetensors(head, path.stat().st_size)
     if looks_pickle:
         raise ModelFileError(
             f"{path} is a pickle-based PyTorch file, which can run arbitrary code when loaded; obdprune "

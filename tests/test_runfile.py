@@ -55,6 +55,30 @@ def test_pickle_files_are_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("first, pads", [(b"\x80", range(0, 300)), (b"PK", range(19100, 19300))])
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_not_refused(tmp_path, first, pads):
+    """A safetensors file opens with its header's length (u64, little-endian): 128 + 256·k starts with 0x80,
+    the pickle protocol byte, and 19,280 + 65,536·k with "PK", torch's zip container. Neither is a pickle."""
+    from safetensors.torch import save_file
+
+    from obdprune.runfile import refuse_pickle
+
+    path = tmp_path / "model.safetensors"
+    for pad in pads:
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:len(first)] == first:
+            break
+    assert path.read_bytes()[:len(first)] == first
+    refuse_pickle(path)  # no error
+    zipped = tmp_path / "zipped.safetensors"
+    torch.save({"w": torch.zeros(2)}, str(zipped))  # torch's zip container: "PK\x03\x04"
+    pickled = tmp_path / "pickled.safetensors"
+    pickled.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    for bad in (zipped, pickled):
+        with pytest.raises(ModelFileError, match="pickle"):
+            refuse_pickle(bad)
+
+
 def test_junk_and_truncated_safetensors(tmp_path):
     _, _, run = _saved(tmp_path)
     data = (run / "model.safetensors").read_bytes()
