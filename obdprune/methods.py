@@ -762,6 +762,8 @@ def _search_lambda(path: _Path):
     strengths = lambda_search.AUTO_L1_STRENGTHS
     steps = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
     shared = path.own_loop and steps is not None and steps >= len(strengths)
+    if steps is None:  # a loader without len(): count one epoch's batches (loading only, no compute)
+        steps = sum(1 for _ in path.splits.train.epoch(cfg.finetune.batch_size, torch.Generator().manual_seed(0)))
     parts = len(strengths) if shared else 1
     probe_targets = (sorted(path.plan.targets) if path.plan.targets else [min(0.9, path.plan.path[-1])])
 
@@ -774,8 +776,9 @@ def _search_lambda(path: _Path):
         scores = selector.magnitude_scores(m)
         return [selector.select(scores, t, MaskSet.dense(m), m) for t in probe_targets]
 
-    return search_l1_lambda(model, regularize=regularize, epochs=epochs * len(strengths) // parts, probe=probe,
-                            val=path.splits.val, device=path.device, world=path.world, strengths=strengths)
+    return search_l1_lambda(model, regularize=regularize, epochs=epochs * len(strengths) // parts,
+                            steps_per_epoch=steps, probe=probe, val=path.splits.val, device=path.device,
+                            world=path.world, strengths=strengths)
 
 
 def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:

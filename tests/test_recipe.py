@@ -347,7 +347,32 @@ def test_auto_lambda_is_chosen_on_validation_never_on_test(monkeypatch):
         assert cands == ({0.1: 1.0, 4.0: 0.0} if val is zeros else {0.1: 0.0, 4.0: 1.0})
         assert point.l1_search["epochs"] == 2 and point.to_dict()["l1_lambda"] == point.l1_lambda
     assert choices == [0.1, 4.0]
-    assert lambda_from_strength(64.0, nn.Linear(4, 8)) == 2.0  # λ = ρ / number of Conv/Linear weights
+    assert lambda_from_strength(64.0, nn.Linear(4, 8), 1) == 2.0  # λ = ρ / (Conv/Linear weights · steps per epoch)
+    assert lambda_from_strength(64.0, nn.Linear(4, 8), 4) == 0.5
+
+
+def test_auto_lambda_means_the_same_pull_per_epoch_whatever_the_epoch_holds(tiny, monkeypatch):
+    """λ = ρ/(N·S): the same ρ on a training split twice as long (twice the steps per epoch) is half the
+    per-step λ, so an epoch's proximal steps shrink by the same lr·ρ/N. A loader without len() gets its
+    steps counted."""
+    data, dense, _ = tiny
+    monkeypatch.setattr(lambda_search, "AUTO_L1_STRENGTHS", (4.0, 64.0))
+    n = sum(w.numel() for w in prunable_weights(dense).values())
+    x, y = data.train
+    doubled = SimpleNamespace(train=(torch.cat([x, x]), torch.cat([y, y])), val=data.val, test=data.test)
+
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    unsized = SimpleNamespace(train=torch.utils.data.DataLoader(Unsized(), batch_size=BATCH), val=data.val)
+    lambdas = {}
+    for name, d in [("once", data), ("twice", doubled), ("unsized", unsized)]:
+        (point,) = prune_model(dense, d, _cfg("l1", l1_lambda="auto"), targets=[0.5], progress=False)
+        lambdas[name] = sorted(c["l1_lambda"] for c in point.l1_search["candidates"])
+    assert lambdas["once"] == pytest.approx([4.0 / (n * 8), 64.0 / (n * 8)])  # 256 images / 32 = 8 steps
+    assert lambdas["twice"] == pytest.approx([v / 2 for v in lambdas["once"]])
+    assert lambdas["unsized"] == pytest.approx(lambdas["once"])
 
 
 def test_auto_lambda_trials_share_the_regularization_phase_so_every_method_trains_as_long(tiny, monkeypatch):
@@ -531,7 +556,7 @@ def test_auto_lambda_is_searched_once_and_read_back_on_resume(tiny, tmp_path, mo
     store = StudyState(tmp_path, "prune", {}).rounds("prune:l1")
     cfg = _cfg("l1", l1_lambda="auto")
     (first,) = prune_model(dense, data, cfg, targets=[0.5], progress=False, checkpoint=store)
-    assert first.l1_lambda in {lambda_from_strength(r, dense) for r in (4.0, 64.0)}
+    assert first.l1_lambda in {lambda_from_strength(r, dense, 256 // BATCH) for r in (4.0, 64.0)}
 
     def no_search(*a, **kw):
         raise AssertionError("searched again")
