@@ -409,13 +409,21 @@ def test_l1_ramp_grows_lambda_along_the_path_and_masks_hold(tiny, monkeypatch):
         return rec
 
     monkeypatch.setattr(methods_mod, "_phase_runner", recording)
-    for ramp in (False, True):
+    path = methods_mod.sparsity_path([0.5, 0.8], 0.3)
+    assert len(path) == 5 and path[1] == 0.5 and path[-1] == 0.8
+    for ramp in (False, True, "rounds"):
         with MaskWatch(monkeypatch) as watch:
-            points = prune_model(dense, data, _cfg("l1", l1_lambda=1e-3, l1_ramp=ramp), targets=[0.5, 0.8],
-                                 progress=False)
+            points = prune_model(dense, data, _cfg("l1", l1_lambda=1e-3, l1_ramp=ramp, prune_step=0.3),
+                                 targets=[0.5, 0.8], progress=False)
         assert watch.checks > 0 and [p.target_sparsity for p in points] == [0.5, 0.8]
-    assert seen[False] == [1e-3] * 3  # the regularization phase and two rounds
-    assert seen[True] == pytest.approx([1e-3 * 0.5 / 0.8, 1e-3 * 0.5 / 0.8, 1e-3])
+    assert seen[False] == [1e-3] * 6  # the regularization phase and five rounds
+    sparsity = [1e-3 * s / 0.8 for s in path]  # True: the switch's sparsity ramp
+    assert seen[True] == pytest.approx([sparsity[0], *sparsity])
+    rounds = [1e-3 * r / 5 for r in range(1, 6)]  # λ·r/R; the regularization phase trains toward round 1
+    assert seen["rounds"] == pytest.approx([rounds[0], *rounds])
+    assert PruneConfig(l1_ramp=True).l1_ramp is PruneConfig(l1_ramp="sparsity").l1_ramp
+    with pytest.raises(UsageError, match="L1 ramp"):
+        PruneConfig(l1_ramp="steep")
     with pytest.raises(UsageError, match="l1_ramp"):
         PruneConfig(l1_ramp=True, prune_schedule="gradual", total_epochs=4)
     with pytest.raises(UsageError, match="l1_ramp"):
