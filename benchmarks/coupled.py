@@ -2,8 +2,9 @@
 against Torch-Pruning's MetaPruner (magnitude, Taylor, Hessian importance) at the same MAC targets.
 
 Every variant starts from the same dense weights (trained here, ``--epochs``) and gets the same epochs
-after pruning: obdprune's ``reg_epochs`` + one fine-tuning phase per round; Torch-Pruning the same
-number of epochs of plain training before pruning and the same fine-tuning after each of its steps.
+after them: obdprune's ``reg_epochs`` + ``finetune_epochs`` per round (rounds of ``--prune-step``);
+Torch-Pruning ``reg_epochs`` of plain training before pruning and, after it, as many fine-tuning epochs
+as the obdprune variant of that target with the most rounds spent on them (the column "epochs").
 Torch-Pruning prunes 2% of channels per step (``ignored_layers`` = the classifier) until its MACs reach
 the target. Accuracy is mean ± std over ``--seeds``; times are CPU-time ratios to the dense model
 (onnxruntime and PyTorch, batch 1 and 256, medians, all variants of a seed timed round-robin).
@@ -32,6 +33,7 @@ from obdprune.data import load_dataset
 from obdprune.errors import UsageError
 from obdprune.export import export_onnx
 from obdprune.measure import count_macs
+from obdprune.methods import sparsity_path
 from obdprune.models import build_model
 from obdprune.train import TrainConfig, evaluate, train
 
@@ -40,7 +42,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def tp_prune(dense: nn.Module, data, importance: str, mac_target: float, epochs: int, args, seed: int) -> nn.Module:
+def tp_prune(dense: nn.Module, data, importance: str, mac_target: float, epochs: int, finetune_epochs: int, args,
+             seed: int) -> nn.Module:
     model = copy.deepcopy(dense)
     x = data.train.x[:2]
     ft = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine", seed=seed)
@@ -65,7 +68,7 @@ def tp_prune(dense: nn.Module, data, importance: str, mac_target: float, epochs:
         pruner.step()
         if count_macs(model, x[:1]) <= (1 - mac_target) * dense_macs:
             break
-    train(model, data.train, TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+    train(model, data.train, TrainConfig(epochs=finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                                          schedule="cosine", seed=seed + 1), progress=False)
     return model
 
@@ -110,16 +113,22 @@ def time_ratios(variants: dict[str, nn.Module], x1: torch.Tensor, xb: torch.Tens
 
 def table(name: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     """Markdown rows: accuracy mean ± std over seeds, mean params/MACs, median CPU-time ratios to dense."""
-    lines = [f"## {name}", "", "| variant | test acc % | params | MACs | ort b1 | ort b256 | torch b1 | torch b256 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"## {name}", "", "| variant | test acc % | params | MACs | epochs | ort b1 | ort b256 | torch b1 | "
+             "torch b256 |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         acc = r["acc"]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         lines.append(f"| {label} | {statistics.mean(acc):.2f} ± {sd:.2f} | {statistics.mean(r['params']):,.0f} | "
-                     f"{statistics.mean(r['macs']):,.0f} | " + " | ".join(
+                     f"{statistics.mean(r['macs']):,.0f} | {_epochs(r)} | " + " | ".join(
                          f"{statistics.median(r[k]):.2f}×" for k in ("ort1", "ort256", "torch1", "torch256")) + " |")
     lines.append("")
     return lines
+
+
+def _epochs(r: dict) -> str:
+    """Epochs after the dense model's (their range over seeds; runs older than the column: ?)."""
+    e = r.get("epochs")
+    return "?" if not e else (f"{min(e)}" if min(e) == max(e) else f"{min(e)}–{max(e)}")
 
 
 def best_table(rows: dict[str, dict[str, list[float]]]) -> list[str]:
@@ -173,7 +182,8 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--epochs", type=int, default=10, help="dense training")
     p.add_argument("--reg-epochs", type=int, default=2)
-    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-epochs", type=int, default=2, help="obdprune: per round")
+    p.add_argument("--prune-step", type=float, default=0.3, help="obdprune: the most of the MACs left one round removes")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
@@ -224,7 +234,9 @@ def main() -> None:
                                                  schedule="cosine", seed=seed), progress=False)
             x1, xb = data.test.x[:1].contiguous(), data.test.x[:256].contiguous()
             variants: dict[str, nn.Module] = {"dense": dense}
+            epochs: dict[str, int] = {"dense": 0}
             for target in args.targets:
+                spent = [args.reg_epochs + args.finetune_epochs * len(sparsity_path([target], args.prune_step))]
                 for method in args.methods:
                     for variant in args.variants:
                         scope, multiple = variant.split(":")
@@ -235,6 +247,7 @@ def main() -> None:
                                                  budget="macs", scope=scope, sparsity=target,
                                                  example_inputs=data.train.x[:2], channel_multiple=int(multiple),
                                                  reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
+                                                 prune_step=args.prune_step,
                                                  finetune_lr=args.lr, batch_size=args.batch_size,
                                                  curvature_samples=args.curvature_samples, seed=seed, progress=False)
                         except UsageError as e:  # e.g. blocks of 16 on 16-wide layers cannot reach 0.3× MACs
@@ -242,15 +255,21 @@ def main() -> None:
                             unreachable.setdefault(label, str(e).splitlines()[0])
                             continue
                         variants[label] = res.compact()
+                        epochs[label] = args.reg_epochs + args.finetune_epochs * len(res.rounds)
+                        spent.append(epochs[label])
                 for imp in args.importances:
                     log(f"{name} seed {seed}: Torch-Pruning {imp} {target} ({time.time() - started:.0f} s)")
-                    variants[f"TP {imp} {target}"] = tp_prune(dense, data, imp, target, args.reg_epochs, args, seed)
+                    label = f"TP {imp} {target}"
+                    epochs[label] = max(spent)
+                    variants[label] = tp_prune(dense, data, imp, target, args.reg_epochs,
+                                               epochs[label] - args.reg_epochs, args, seed)
             ratios = time_ratios(variants, x1, xb, args.reps)
             for label, model in variants.items():
                 r = rows.setdefault(label, {})
                 r.setdefault("acc", []).append(100 * evaluate(model, data.test)[0])
                 r.setdefault("params", []).append(sum(q.numel() for q in model.parameters()))
                 r.setdefault("macs", []).append(count_macs(model, x1))
+                r.setdefault("epochs", []).append(epochs[label])
                 for k, v in ratios[label].items():
                     r.setdefault(k, []).append(v)
             log(f"{name} seed {seed} done after {time.time() - started:.0f} s")
