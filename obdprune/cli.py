@@ -127,11 +127,10 @@ def _add_prune(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="epochs before the first round (L1-regularized for l1/hybrid)")
     p.add_argument("--l1-lambda", type=_l1_lambda, default=None,
                    help="L1 strength λ (group lasso for channel); default auto for element, 3e-4 for channel; auto: "
-                        "λ = ρ/(Conv/Linear weights · steps per epoch), ρ chosen on the validation split (README)")
+                        "λ = ρ/(number of Conv/Linear weights), ρ chosen on the validation split (README)")
     p.add_argument("--l1-mode", default="proximal", help="proximal (soft-threshold, exact zeros) or penalty (in the loss)")
-    p.add_argument("--l1-ramp", nargs="?", const="sparsity", default="off", metavar="{off,sparsity,rounds}",
-                   help="rounds: the L1 strength grows along the path and reaches λ at its end: λ·s/s_end while pruning "
-                        "toward sparsity s (sparsity, the bare flag), or λ·r/R in round r of R (rounds); default off")
+    p.add_argument("--l1-ramp", action="store_true", help="rounds: λ·s/s_end while pruning toward sparsity s, so the "
+                   "L1 strength grows along the path and reaches λ at its end")
     p.add_argument("--curvature", default="ggn",
                    help=f"one of: {', '.join(c.value for c in CurvatureKind)} (exact GGN diagonal, its Monte Carlo "
                         "estimate, mean squared per-sample gradient, Hutchinson Hessian diagonal); the old names "

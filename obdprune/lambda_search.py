@@ -1,18 +1,12 @@
 """``l1_lambda="auto"``: the L1 (group-lasso) strength chosen per model and method on the validation split.
 
-Strengths are searched on a grid that means the same for every model and training set. A strength ρ
-means the raw (per-step) strength
+Strengths are searched on a scale-free grid. A strength ρ means the raw strength
 
-    λ = ρ / (N · S),   N = the number of prunable (Conv/Linear) weights of the model,
-                       S = the optimizer steps of one epoch of the training data,
+    λ = ρ / N,   N = the number of prunable (Conv/Linear) weights of the model,
 
-so over one epoch the penalty λ·Σ|w| summed over the steps is ρ·mean|w| (ρ times the mean weight
-magnitude, in units of the loss), and the proximal steps of one epoch at learning rate lr shrink every
-weight by lr·ρ/N in all: the same pull per epoch whatever the model's size and however many images an
-epoch holds. (Per step alone, one λ pulls 3.6× harder per epoch on Fashion-MNIST's 54,000 training
-images than on 15,000.) lenet5's former fixed λ = 2e-3 is ρ ≈ 52,000 on the full training split
-(N = 61,470, S = 422 at batch 128). For group lasso the same λ multiplies Σ_g √|g|·‖w_g‖₂ (see
-:mod:`obdprune.regularize`).
+so the penalty λ·Σ|w| = ρ·mean|w| is ρ times the mean weight magnitude, in units of the loss, whatever
+the model's size (lenet5's former default λ = 2e-3 is ρ ≈ 123; lenet300's same λ is ρ ≈ 532). For
+group lasso the same λ multiplies Σ_g √|g|·‖w_g‖₂ (see :mod:`obdprune.regularize`).
 
 Each candidate ρ of :data:`AUTO_L1_STRENGTHS` gets a short trial on a copy of the dense model: the
 method's regularization phase (``reg_epochs``, at least one epoch) with λ = ρ/N, then one-shot magnitude
@@ -40,19 +34,17 @@ from obdprune.train import evaluate
 
 __all__ = ["AUTO_L1_STRENGTHS", "lambda_from_strength", "LambdaChoice", "search_l1_lambda"]
 
-AUTO_L1_STRENGTHS: tuple[float, ...] = (512.0, 2048.0, 8192.0, 32768.0)
-"""The candidate strengths ρ (λ = ρ/(N·S)), a factor of 4 apart."""
+AUTO_L1_STRENGTHS: tuple[float, ...] = (4.0, 16.0, 64.0, 256.0)
+"""The candidate strengths ρ (λ = ρ/N), a factor of 4 apart."""
 
 
-def lambda_from_strength(strength: float, model: nn.Module, steps_per_epoch: int) -> float:
-    """λ = ρ / (N · S): N the number of Conv/Linear weights of ``model``, S the optimizer steps per epoch.
+def lambda_from_strength(strength: float, model: nn.Module) -> float:
+    """λ = ρ / N with N the number of Conv/Linear weights of ``model``.
 
-    >>> lambda_from_strength(640.0, nn.Linear(4, 8), steps_per_epoch=10)
+    >>> lambda_from_strength(64.0, nn.Linear(4, 8))
     2.0
     """
-    if steps_per_epoch < 1:
-        raise UsageError(f"the λ search needs at least one optimizer step per epoch, got {steps_per_epoch}")
-    return float(strength) / (sum(w.numel() for w in prunable_weights(model).values()) * steps_per_epoch)
+    return float(strength) / sum(w.numel() for w in prunable_weights(model).values())
 
 
 @dataclass
@@ -72,14 +64,12 @@ class LambdaChoice:
 
 
 def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float, int], None], epochs: int,
-                     steps_per_epoch: int, probe: Callable[[nn.Module], list[MaskSet]], val: Batches,
-                     device: torch.device, world: World | None = None,
-                     strengths: Sequence[float] | None = None) -> LambdaChoice:
+                     probe: Callable[[nn.Module], list[MaskSet]], val: Batches, device: torch.device,
+                     world: World | None = None, strengths: Sequence[float] | None = None) -> LambdaChoice:
     """Try every strength on a copy of ``model`` (left unchanged) and choose on ``val``.
 
     regularize(model, λ, k): the k-th candidate's trial of the regularization phase, in place.
     epochs: what all the trials together cost, in epochs of the training data (reported).
-    steps_per_epoch: S of λ = ρ/(N·S), the optimizer steps of one epoch of the method's training phases.
     probe(model): the masks of one-shot pruning to each probe target; a candidate's score is its mean
       validation accuracy over them (a target where every candidate collapses adds the same to each).
     world: under torchrun, every rank calls this alike and the validation counts are all-reduced.
@@ -92,7 +82,7 @@ def search_l1_lambda(model: nn.Module, *, regularize: Callable[[nn.Module, float
     best: tuple[float, float, float, dict] = (-1.0, 0.0, 0.0, {})
     candidates = []
     for k, rho in enumerate(strengths):
-        lam = lambda_from_strength(rho, model, steps_per_epoch)
+        lam = lambda_from_strength(rho, model)
         trial = copy.deepcopy(model)
         regularize(trial, lam, k)
         state = {n: v.detach().cpu().clone() for n, v in trial.state_dict().items()}

@@ -45,7 +45,7 @@ from obdprune.lambda_search import search_l1_lambda
 from obdprune.masking import DEFAULT_LAYER_FLOOR, MaskSet, Scope, masks_from_weights, prunable_weights
 from obdprune.measure import measured_sparsity
 from obdprune.obs import DEFAULT_DAMP, dampen, layer_hessians, obs_prune, obs_saliency
-from obdprune.recipe import Criterion, L1Ramp, PruneSchedule, Recovery, WeightUpdate, check_distill
+from obdprune.recipe import Criterion, PruneSchedule, Recovery, WeightUpdate, check_distill
 from obdprune.regularize import L1Mode, NoRegularizer, Regularizer
 from obdprune.selection import Budget, Selector, make_selector
 from obdprune.stopping import MaxDropRule, Verdict, judge, standard_error
@@ -82,7 +82,7 @@ FIXED_L1_LAMBDA = {Granularity.ELEMENT: 2e-3, Granularity.CHANNEL: 3e-4}
 
 _CHOICES = {"method": Method, "scope": Scope, "granularity": Granularity, "budget": Budget, "l1_mode": L1Mode,
             "curvature": CurvatureKind, "negative_curvature": NegativeCurvature, "prune_schedule": PruneSchedule,
-            "update": WeightUpdate, "max_drop_rule": MaxDropRule, "l1_ramp": L1Ramp}
+            "update": WeightUpdate, "max_drop_rule": MaxDropRule}
 AUTO = "auto"
 """``l1_lambda=AUTO``: the strength is searched on the validation split (:mod:`obdprune.lambda_search`)."""
 DEFAULT_L1_LAMBDA = {Granularity.ELEMENT: AUTO, Granularity.CHANNEL: FIXED_L1_LAMBDA[Granularity.CHANNEL]}
@@ -125,7 +125,7 @@ class PruneConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.03, schedule="cosine"))
     l1_lambda: float | str | None = None  # None: DEFAULT_L1_LAMBDA of the granularity; AUTO: searched
     l1_mode: L1Mode = L1Mode.PROXIMAL
-    l1_ramp: L1Ramp = L1Ramp.OFF  # rounds: λ·s/s_end toward sparsity s, or λ·r/R in round r (True: sparsity)
+    l1_ramp: bool = False  # rounds: λ·s/s_end while pruning toward sparsity s (the path's end s_end gets λ)
     curvature: CurvatureKind = CurvatureKind.GGN
     curvature_samples: int = 1024
     curvature_draws: int | None = None
@@ -149,8 +149,6 @@ class PruneConfig:
     max_drop_rule: MaxDropRule = MaxDropRule.MONOTONE
 
     def __post_init__(self) -> None:
-        if isinstance(self.l1_ramp, bool):  # the option's first form: a switch for the sparsity ramp
-            object.__setattr__(self, "l1_ramp", L1Ramp.SPARSITY if self.l1_ramp else L1Ramp.OFF)
         for name, choice in _CHOICES.items():
             object.__setattr__(self, name, choice.parse(getattr(self, name)))
         if self.criterion is not None:
@@ -206,7 +204,9 @@ class PruneConfig:
         if (isinstance(self.curvature_window, bool) or not isinstance(self.curvature_window, int)
                 or self.curvature_window < 1):
             raise UsageError(f"curvature_window is a number of ramp steps >= 1, got {self.curvature_window!r}")
-        if self.l1_ramp is not L1Ramp.OFF and gradual:
+        if not isinstance(self.l1_ramp, bool):
+            raise UsageError(f"l1_ramp is True or False, got {self.l1_ramp!r}")
+        if self.l1_ramp and gradual:
             raise UsageError("l1_ramp scales λ round by round; the gradual schedule keeps one λ for its one run")
         if not isinstance(self.lr_rewind, bool):
             raise UsageError(f"lr_rewind is True or False, got {self.lr_rewind!r}")
@@ -714,16 +714,12 @@ class _Path:
         return _with_test(point, self.model, self.splits, self.device, self.world, **kw)
 
     def reg_toward(self, target: float) -> Regularizer:
-        """The regularizer of a phase that trains toward ``target``, a point of the path: the method's own, or
-        with ``l1_ramp`` its strength scaled by target / (the path's last point) or by the round's number / the
-        path's rounds, so λ grows along the path and reaches the method's λ at its end."""
-        ramp = self.cfg.l1_ramp
-        if ramp is L1Ramp.OFF or not self.cfg.method.regularized:
+        """The regularizer of a phase that trains toward ``target`` sparsity: the method's own, or with
+        ``l1_ramp`` its strength scaled by target / (the path's last point), so λ grows along the path."""
+        if not self.cfg.l1_ramp or not self.cfg.method.regularized:
             return self.reg
         lam = self.state.l1_search["l1_lambda"] if self.state.l1_search is not None else self.cfg.l1_lambda
-        path = self.plan.path
-        share = target / path[-1] if ramp is L1Ramp.SPARSITY else (path.index(target) + 1) / len(path)
-        return self.selector.regularizer(lam * min(1.0, share), self.cfg.l1_mode)
+        return self.selector.regularizer(lam * min(1.0, target / self.plan.path[-1]), self.cfg.l1_mode)
 
     def finish(self, dense: nn.Module) -> list[PrunePoint]:
         """The target points and the max-drop choice, with the searched λ when ``l1_lambda="auto"``."""
@@ -766,8 +762,6 @@ def _search_lambda(path: _Path):
     strengths = lambda_search.AUTO_L1_STRENGTHS
     steps = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
     shared = path.own_loop and steps is not None and steps >= len(strengths)
-    if steps is None:  # a loader without len(): count one epoch's batches (loading only, no compute)
-        steps = sum(1 for _ in path.splits.train.epoch(cfg.finetune.batch_size, torch.Generator().manual_seed(0)))
     parts = len(strengths) if shared else 1
     probe_targets = (sorted(path.plan.targets) if path.plan.targets else [min(0.9, path.plan.path[-1])])
 
@@ -780,9 +774,8 @@ def _search_lambda(path: _Path):
         scores = selector.magnitude_scores(m)
         return [selector.select(scores, t, MaskSet.dense(m), m) for t in probe_targets]
 
-    return search_l1_lambda(model, regularize=regularize, epochs=epochs * len(strengths) // parts,
-                            steps_per_epoch=steps, probe=probe, val=path.splits.val, device=path.device,
-                            world=path.world, strengths=strengths)
+    return search_l1_lambda(model, regularize=regularize, epochs=epochs * len(strengths) // parts, probe=probe,
+                            val=path.splits.val, device=path.device, world=path.world, strengths=strengths)
 
 
 def _run_rounds(path: _Path, resumed: bool, regularized: dict | None) -> None:

@@ -30,7 +30,7 @@ from obdprune.choices import Choice
 from obdprune.errors import UsageError
 from obdprune.train import TrainConfig, make_optimizer, make_scheduler
 
-__all__ = ["PruneSchedule", "L1Ramp", "Criterion", "WeightUpdate", "distillation_losses", "distillation_loss",
+__all__ = ["PruneSchedule", "Criterion", "WeightUpdate", "distillation_losses", "distillation_loss",
            "Distillation", "check_distill", "lr_sequence", "rewound_lrs", "Recovery"]
 
 
@@ -39,17 +39,6 @@ class PruneSchedule(Choice, label="prune schedule"):
 
     ROUNDS = "rounds"
     GRADUAL = "gradual"
-
-
-class L1Ramp(Choice, label="L1 ramp"):
-    """How the L1 strength λ of the rounds grows along the path to its last point s_end (R rounds): not at all,
-    λ·s/s_end while pruning toward sparsity s, or λ·r/R in round r. Each round removes a fixed share of the
-    weights left, so r/R is log(1−s)/log(1−s_end): the ``rounds`` ramp keeps L1 weak where little is removed
-    (76 % of a path to 99 % is round 9 of 31: λ·0.29) and strong where the last weights go."""
-
-    OFF = "off"
-    SPARSITY = "sparsity"
-    ROUNDS = "rounds"
 
 
 class Criterion(Choice):

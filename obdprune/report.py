@@ -57,7 +57,7 @@ def render_report(summary: dict[str, Any]) -> str:
             f"{r.get('curvature_seconds', 0.0):.1f} |")
     searched = [r for r in sorted(summary["results"], key=_sort_key) if "l1_search" in r]
     if searched:
-        lines += ["", "## L1 strength chosen on validation (`l1_lambda` auto: λ = ρ / (Conv/Linear weights · steps per epoch))", "",
+        lines += ["", "## L1 strength chosen on validation (`l1_lambda` auto: λ = ρ / number of Conv/Linear weights)", "",
                   "| method | result | ρ | λ | validation accuracy per ρ (probe) | search epochs | search s |",
                   "|---|---|---|---|---|---|---|"]
         for r in searched:
