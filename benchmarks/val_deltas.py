@@ -9,21 +9,16 @@ Reads "METHOD round K: S% of weights removed, validation V% (dense D%)" from OUT
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 from pathlib import Path
 
-ROUND = re.compile(r"^(\w+) round (\d+): ([\d.]+)% of weights removed, validation ([\d.]+)% \(dense ([\d.]+)%\)")
+from maxdrop_rules import sequences
 
 
 def deltas(log: Path) -> dict[str, dict[float, float]]:
     """{method: {sparsity %: validation − dense (pt)}} of one log."""
-    out: dict[str, dict[float, float]] = {}
-    for line in log.read_text(errors="replace").splitlines():
-        m = ROUND.match(line.strip())
-        if m:
-            out.setdefault(m[1], {})[float(m[3])] = float(m[4]) - float(m[5])
-    return out
+    seqs, dense = sequences(log)
+    return {method: {s: 100 * (v - dense) for s, v in seq} for method, seq in seqs.items()}
 
 
 def main() -> None:
