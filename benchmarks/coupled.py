@@ -9,8 +9,9 @@ Torch-Pruning prunes 2% of channels per step (``ignored_layers`` = the classifie
 the target. Accuracy is mean ± std over ``--seeds``; times are CPU-time ratios to the dense model
 (onnxruntime and PyTorch, batch 1 and 256, medians, all variants of a seed timed round-robin).
 
-    python benchmarks/coupled.py --models resnet20 mobilenetv2-small --seeds 0 1 2 --train-limit 20000 \
-        --out benchmarks/results/coupled.md
+    python benchmarks/coupled.py --models resnet20 --seeds 0 1 2 --train-limit 5000 --epochs 5 --reg-epochs 1 \
+        --finetune-epochs 1 --prune-step 0.3 --variants global:8 layer:8 layer:1 --out bench-out/cpl_r20.md
+    python benchmarks/coupled.py --merge bench-out/cpl_r20.json bench-out/cpl_r20_more_seeds.json
 """
 from __future__ import annotations
 
