@@ -237,7 +237,7 @@ def main() -> None:
             variants: dict[str, nn.Module] = {"dense": dense}
             epochs: dict[str, int] = {"dense": 0}
             for target in args.targets:
-                spent = [args.reg_epochs + args.finetune_epochs * len(sparsity_path([target], args.prune_step))]
+                spent = []  # epochs of this target's obdprune variants
                 for method in args.methods:
                     for variant in args.variants:
                         scope, multiple = variant.split(":")
@@ -261,7 +261,8 @@ def main() -> None:
                 for imp in args.importances:
                     log(f"{name} seed {seed}: Torch-Pruning {imp} {target} ({time.time() - started:.0f} s)")
                     label = f"TP {imp} {target}"
-                    epochs[label] = max(spent)
+                    epochs[label] = max(spent, default=args.reg_epochs + args.finetune_epochs
+                                        * len(sparsity_path([target], args.prune_step)))  # no variant ran
                     variants[label] = tp_prune(dense, data, imp, target, args.reg_epochs,
                                                epochs[label] - args.reg_epochs, args, seed)
             ratios = time_ratios(variants, x1, xb, args.reps)
