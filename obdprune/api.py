@@ -65,7 +65,8 @@ class PruneResult:
     model: the chosen point's model (the max-drop choice if one was asked for, else the last target), with
       its masks applied; masks alone save no time: :meth:`compact` does.
     masks: that model's keep-masks. points: one :class:`~obdprune.methods.PrunePoint` per target (and the
-      max-drop choice). rounds: one record per round: target, sparsity, MACs, validation accuracy, seconds.
+      max-drop choice). rounds: one record per round: target, sparsity, MACs, validation accuracy, seconds
+      (``path="max-drop"`` on the rounds of a max drop's own path).
     """
 
     model: nn.Module
@@ -134,6 +135,8 @@ def prune(
     method: ``magnitude``, ``l1``, ``obd`` or ``hybrid`` (L1-regularized training, OBD ranking).
     sparsity: a fraction of Conv/Linear weights (of MACs with ``budget="macs"``) to remove, or a list.
     max_drop: remove as much as possible while validation accuracy stays within this many percentage points.
+      With ``sparsity`` too and a searched L1 strength (l1, hybrid), it runs as a second path whose λ is
+      searched for it (:mod:`obdprune.lambda_search`).
     granularity: ``element`` (single weights) or ``channel`` (whole filters/neurons; compaction makes them
       physically smaller). example_inputs: one input batch for tracing (default: the first of ``train``).
     fine_tune: ``fine_tune(model, epochs)``, called for every regularization and fine-tuning phase

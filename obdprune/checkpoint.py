@@ -116,6 +116,10 @@ class RoundStore:
     def __init__(self, state: "StudyState", key: str):
         self.state, self.key = state, key
 
+    def branch(self, name: str) -> "RoundStore":
+        """The store of a second path of the same stage (``stage:name``); it goes when the stage finishes."""
+        return RoundStore(self.state, f"{self.key}:{name}")
+
     def load(self) -> RoundState | None:
         """The newest saved round, or None when the path has not started."""
         from obdprune.methods import PrunePoint
@@ -230,10 +234,10 @@ class StudyState:
     def finish(self, stage: str, value: Any = True) -> None:
         """Record ``stage`` as finished (its round snapshots go), then stop here if a signal came."""
         self.stages[stage] = value
-        old = self.round_files.pop(stage, None)
+        old = [self.round_files.pop(k) for k in list(self.round_files) if k == stage or k.startswith(f"{stage}:")]
         self.write()
-        if old:
-            (self.folder / old).unlink(missing_ok=True)
+        for name in old:
+            (self.folder / name).unlink(missing_ok=True)
         check_stop()
 
     def complete(self) -> None:

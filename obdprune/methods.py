@@ -575,6 +575,13 @@ def prune_model(
     """
     targets = sparsity_targets(targets)
     _check_request(targets, max_drop, cfg, fine_tune)
+    if own_max_drop_path(cfg, targets, max_drop):
+        kw = dict(dense_val_accuracy=dense_val_accuracy, device=device, progress=progress, fine_tune=fine_tune,
+                  example_inputs=example_inputs, world=world, dense_train=dense_train)
+        points = prune_model(model, data, cfg, targets=targets, checkpoint=checkpoint, on_round=on_round, **kw)
+        return points + prune_model(
+            model, data, cfg, max_drop=max_drop, checkpoint=checkpoint.branch(MAX_DROP_PATH) if checkpoint else None,
+            on_round=(lambda r: on_round(r | {"path": MAX_DROP_PATH})) if on_round is not None else None, **kw)
     world = world or current()
     device, splits = torch.device(device), _splits(data, world)
     dense_model, model = model, copy.deepcopy(model).to(device)
@@ -599,6 +606,21 @@ def prune_model(
     path.reg, regularized = _regularizer(path)
     schedule(path, resumed, regularized)
     return path.finish(dense_model)
+
+
+MAX_DROP_PATH = "max-drop"
+"""The name of a max drop's own path (round records' ``path``, the checkpoint's branch)."""
+
+
+def own_max_drop_path(cfg: PruneConfig, targets: Sequence[float], max_drop: float | None) -> bool:
+    """True when a max drop, asked together with sparsity targets, gets a path of its own: the L1 strength is
+    searched (``l1_lambda="auto"``) and each request searches its own grid
+    (:data:`obdprune.lambda_search.AUTO_L1_STRENGTHS_MAX_DROP` for the max drop).
+
+    >>> [own_max_drop_path(PruneConfig(method=m), [0.9], 0.3) for m in ("l1", "obd")]
+    [True, False]
+    """
+    return bool(targets) and max_drop is not None and cfg.method.regularized and cfg.l1_lambda == AUTO
 
 
 def _check_request(targets: list[float], max_drop: float | None, cfg: PruneConfig, fine_tune: FineTune | None) -> None:
@@ -752,14 +774,15 @@ def _regularizer(path: _Path) -> tuple[Regularizer, dict | None]:
 def _search_lambda(path: _Path):
     """``l1_lambda="auto"``: trials of the regularization phase (``reg_epochs``, at least one), each probed by
     one-shot magnitude pruning to every requested target (with a max drop only: to the path's end, at most
-    0.9), chosen on validation (:func:`obdprune.lambda_search.search_l1_lambda`).
+    0.9, and from the gentler grid), chosen on validation (:func:`obdprune.lambda_search.search_l1_lambda`).
 
     In obdprune's loop the K trials share that phase's budget: trial k trains on every K-th batch of each
     epoch, so the search costs ``max(1, reg_epochs)`` epochs in all, as long as the phase it replaces. A
     user's ``fine_tune`` (or fewer batches per epoch than candidates) gets whole epochs per trial instead."""
     cfg, selector, model = path.cfg, path.selector, path.model
     epochs = max(1, cfg.reg_epochs)
-    strengths = lambda_search.AUTO_L1_STRENGTHS
+    strengths = (lambda_search.AUTO_L1_STRENGTHS_MAX_DROP if path.max_drop is not None and not path.plan.targets
+                 else lambda_search.AUTO_L1_STRENGTHS)
     steps = path.splits.train.steps_per_epoch(cfg.finetune.batch_size)
     shared = path.own_loop and steps is not None and steps >= len(strengths)
     parts = len(strengths) if shared else 1

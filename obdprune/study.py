@@ -127,7 +127,8 @@ def result_label(r: PrunePoint) -> str:
 def round_line(record: dict, dense_val_accuracy: float) -> str:
     """One line for a finished pruning round (a :func:`obdprune.methods.prune_model` round record)."""
     macs = f", {100 * record['macs_removed']:.1f}% of MACs" if "macs_removed" in record else ""
-    return (f"{record['method']} round {record['round']}: {100 * record['sparsity']:.1f}% of weights{macs} removed, "
+    name = f"{record['method']} {record['path']}" if "path" in record else record["method"]
+    return (f"{name} round {record['round']}: {100 * record['sparsity']:.1f}% of weights{macs} removed, "
             f"validation {100 * record['val_accuracy']:.2f}% (dense {100 * dense_val_accuracy:.2f}%)")
 
 

@@ -523,6 +523,44 @@ def test_cli_compare_gradual_with_the_recipe_records_budget_and_lambda(tmp_path,
     assert err.startswith("obdprune: error: update='obs'") and err.count("\n") == 1
 
 
+@pytest.mark.filterwarnings("ignore:.*no pruning round kept:RuntimeWarning")
+def test_a_max_drop_with_targets_gets_its_own_path_and_gentler_grid_and_resumes(tiny, tmp_path, monkeypatch):
+    """With a searched λ, targets and a max drop are two paths: the targets' search runs AUTO_L1_STRENGTHS, the
+    max drop's AUTO_L1_STRENGTHS_MAX_DROP; the second path's rounds say so, both resume from their own
+    snapshots without searching again, and finishing the stage drops both. A given λ keeps one path."""
+    from obdprune.checkpoint import StudyState
+
+    data, dense, _ = tiny
+    monkeypatch.setattr(lambda_search, "AUTO_L1_STRENGTHS", (4.0, 64.0))
+    monkeypatch.setattr(lambda_search, "AUTO_L1_STRENGTHS_MAX_DROP", (1.0, 16.0))
+    state = StudyState(tmp_path, "prune", {})
+    rounds = []
+    points = prune_model(dense, data, _cfg("l1", l1_lambda="auto"), targets=[0.5], max_drop=100.0, progress=False,
+                         checkpoint=state.rounds("prune:l1"), on_round=rounds.append)
+    target, held = points
+    assert target.target_sparsity == 0.5 and held.max_drop == 100.0
+    assert [c["strength"] for c in target.l1_search["candidates"]] == [4.0, 64.0]
+    assert [c["strength"] for c in held.l1_search["candidates"]] == [1.0, 16.0]
+    assert held.l1_lambda in {lambda_from_strength(r, dense) for r in (1.0, 16.0)}
+    paths = [r.get("path") for r in rounds]
+    assert paths == [None] * paths.count(None) + ["max-drop"] * paths.count("max-drop") and paths[-1] == "max-drop"
+    assert set(state.round_files) == {"prune:l1", "prune:l1:max-drop"}
+
+    def no_search(*a, **kw):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(methods_mod, "search_l1_lambda", no_search)
+    again = prune_model(dense, data, _cfg("l1", l1_lambda="auto"), targets=[0.5], max_drop=100.0, progress=False,
+                        checkpoint=state.rounds("prune:l1"))
+    assert [p.to_dict() for p in again] == [p.to_dict() for p in points]
+    files = [tmp_path / f for f in state.round_files.values()]
+    state.finish("prune:l1", [])
+    assert state.round_files == {} and not any(f.exists() for f in files)
+
+    given = prune_model(dense, data, _cfg("l1", l1_lambda=1e-3), targets=[0.5], max_drop=100.0, progress=False)
+    assert [p.l1_search for p in given] == [None, None] and given[1].max_drop == 100.0
+
+
 def test_auto_lambda_is_searched_once_and_read_back_on_resume(tiny, tmp_path, monkeypatch):
     from obdprune.checkpoint import StudyState
 

@@ -171,8 +171,10 @@ class _Killed(Exception):
     pass
 
 
-def test_prune_model_resumes_after_any_round(tmp_path):
-    """Stop right after each round's snapshot in turn; the resumed path gives bit-identical results."""
+def test_prune_model_resumes_after_any_round(tmp_path, monkeypatch):
+    """Stop right after each snapshot in turn; the resumed path gives bit-identical results. With a searched
+    λ, targets and a max drop are two paths with two stores (``prune:hybrid`` and its ``max-drop`` branch):
+    a stop in either resumes the second without rerunning the first."""
     data = load_dataset("digits", train_limit=500)
     torch.manual_seed(0)
     dense = build_model("lenet300", data.input_shape, data.num_classes)
@@ -180,23 +182,32 @@ def test_prune_model_resumes_after_any_round(tmp_path):
     cfg = PruneConfig(method="hybrid", reg_epochs=1, curvature_samples=64,
                       finetune=TrainConfig(epochs=1, lr=0.01, batch_size=64, schedule="cosine"))
     kw = dict(targets=[0.5, 0.9], max_drop=3.0, progress=False)
-    ref = prune_model(dense, data, cfg, **kw)
-    rounds = max(r.round for r in ref)
-    for k in range(rounds + 1):
-        state = StudyState(tmp_path / f"k{k}", "test", {})
-        store = state.rounds("prune:hybrid")
-        save = store.save
+    saves: list[str] = []
+    real_save = RoundStore.save
 
-        def save_then_die(st, save=save, k=k):
-            save(st)
-            if st.round == k:
-                raise _Killed
+    def counted(store, st):
+        real_save(store, st)
+        saves.append(store.key)
+        if len(saves) == die_at:
+            raise _Killed
 
-        store.save = save_then_die
+    monkeypatch.setattr(RoundStore, "save", counted)
+    die_at = 0
+    ref = prune_model(dense, data, cfg, checkpoint=StudyState(tmp_path / "ref", "test", {}).rounds("prune:hybrid"),
+                      **kw)
+    assert set(saves) == {"prune:hybrid", "prune:hybrid:max-drop"} and any(r.max_drop for r in ref)
+    total, first = len(saves), saves.count("prune:hybrid")
+    for k in sorted(set(range(1, total + 1, 2)) | {first, first + 1}):  # every other snapshot, and both sides
+        # of the boundary between the two paths
+        saves.clear()
+        die_at = k
         with pytest.raises(_Killed):
-            prune_model(dense, data, cfg, checkpoint=store, **kw)
+            prune_model(dense, data, cfg, checkpoint=StudyState(tmp_path / f"k{k}", "test", {}).rounds("prune:hybrid"),
+                        **kw)
+        die_at = 0
         resumed = StudyState.open(tmp_path / f"k{k}", "test", {}, resume=True)
         got = prune_model(dense, data, cfg, checkpoint=resumed.rounds("prune:hybrid"), **kw)
+        assert len(saves) == total  # the resumed run saved only what the killed one had not
         assert len(got) == len(ref)
         for a, b in zip(ref, got):
             da, db = a.to_dict(), b.to_dict()
