@@ -192,6 +192,8 @@ def main() -> None:
                    help="Torch-Pruning importances (none: obdprune variants only)")
     p.add_argument("--methods", nargs="+", default=["obd", "hybrid"], help="obdprune methods")
     p.add_argument("--curvature-samples", type=int, default=512, help="GGN samples per obdprune round")
+    p.add_argument("--no-distill", action="store_true",
+                   help="obdprune: fine-tune without distillation from the dense model (its default is on)")
     p.add_argument("--variants", nargs="+", default=["global:8", "layer:8"], metavar="SCOPE:MULTIPLE",
                    help="obdprune's MAC selection (global: score per MAC across layers; layer: the same share "
                         "per group) and the block of channels removed together")
@@ -241,7 +243,7 @@ def main() -> None:
                 for method in args.methods:
                     for variant in args.variants:
                         scope, multiple = variant.split(":")
-                        label = f"obdprune {method} {scope} x{multiple} {target}"
+                        label = f"obdprune {method} {scope} x{multiple}{' no-KD' if args.no_distill else ''} {target}"
                         log(f"{name} seed {seed}: {label} ({time.time() - started:.0f} s)")
                         try:
                             res = obdprune.prune(dense, data.train, data.val, method=method, granularity="channel",
@@ -250,7 +252,8 @@ def main() -> None:
                                                  reg_epochs=args.reg_epochs, finetune_epochs=args.finetune_epochs,
                                                  prune_step=args.prune_step,
                                                  finetune_lr=args.lr, batch_size=args.batch_size,
-                                                 curvature_samples=args.curvature_samples, seed=seed, progress=False)
+                                                 curvature_samples=args.curvature_samples, seed=seed, progress=False,
+                                                 **({"distill": None} if args.no_distill else {}))
                         except UsageError as e:  # e.g. blocks of 16 on 16-wide layers cannot reach 0.3× MACs
                             log(f"  not reachable: {str(e).splitlines()[0]}")
                             unreachable.setdefault(label, str(e).splitlines()[0])
