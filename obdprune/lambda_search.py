@@ -12,14 +12,15 @@ Each candidate ρ of :data:`AUTO_L1_STRENGTHS` gets a short trial on a copy of t
 method's regularization phase (``reg_epochs``, at least one epoch) with λ = ρ/N, then one-shot magnitude
 pruning to each probe sparsity (the requested targets), then its validation accuracy; a candidate scores
 the mean over the probes. The highest score wins (ties: the weaker strength). Test data is never seen.
+
 The request chooses the grid. A path toward sparsity targets searches :data:`AUTO_L1_STRENGTHS`; a path that
 answers a max drop alone searches :data:`AUTO_L1_STRENGTHS_MAX_DROP`, one factor of 4 gentler. The probes
 measure one-shot pruning after a short trial, which the strongest candidate nearly always wins; what they
 cannot see is that the same strength, kept on through every round's fine-tuning, holds validation accuracy
 0.2-0.4 points below dense from the first rounds to 90% (lenet5 and lenet300, ρ = 256, 3 seeds). That costs
 little at 95-99% and is what buys those targets, but a max drop of 0.3 points then sits on the line and noise
-decides between 0% and 95%. With both requests, the max drop gets its own path
-(:func:`obdprune.methods.prune_model`).
+decides between 0% and 95%; with the gentler grid it returned 85-93% on every seed (BENCHMARKS.md). With both
+requests, the max drop gets its own path (:func:`obdprune.methods.prune_model`).
 
 In obdprune's loop the K candidates' trials share one phase's budget (trial k trains on every K-th
 batch), and the winner's regularized weights become the method's regularization phase, so a searched

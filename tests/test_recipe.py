@@ -512,6 +512,7 @@ def test_cli_compare_gradual_with_the_recipe_records_budget_and_lambda(tmp_path,
     assert summary["prune"]["total_epochs"] == 4 and summary["prune"]["prune_schedule"] == "gradual"
     report = (out / "report.md").read_text()
     assert "inside one run of 4 epochs per method" in report and "λ searched on validation" in report
+    assert "The max drop of a method with a searched λ comes from a path of its own" in report
     l1 = [r for r in summary["results"] if r["method"] == "l1"]
     assert l1 and all(r["l1_lambda"] in {c["l1_lambda"] for c in r["l1_search"]["candidates"]} for r in l1)
     manifest = json.loads((out / "runs" / "l1-s0.8" / "manifest.json").read_text())
