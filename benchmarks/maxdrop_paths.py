@@ -5,11 +5,12 @@ The targets' path is read from a `compare` study's logs (OUT/<model>/seed<k>*.lo
 max-drop rule is applied to it offline (:func:`obdprune.stopping.choose_max_drop`); magnitude and obd are
 shown the same way for reference. The own paths are `obdprune prune` runs of each seed's dense model:
 
-    for m in lenet5 lenet300; do for s in 0 1 2; do for meth in l1 hybrid; do
-      obdprune prune bench-out/study15/$m/seed$s-lh/dense --method $meth --max-drop 0.3 --seed $s \\
+    for m in lenet5 lenet300 lenet5-caffe; do for s in 0 1 2; do for meth in l1 hybrid; do
+      g=lh; [ $m = lenet5-caffe ] && g=lo   # the study's folder that holds the seed's dense model
+      obdprune prune bench-out/study15/$m/seed$s-$g/dense --method $meth --max-drop 0.3 --seed $s \\
         --threads 1 --no-progress --out bench-out/md64/$m/seed$s-$meth > bench-out/md64/$m/seed$s-$meth.log
     done; done; done
-    python benchmarks/maxdrop_paths.py bench-out/study15 bench-out/md64 --models lenet5 lenet300
+    python benchmarks/maxdrop_paths.py bench-out/study15 bench-out/md64 --models lenet5 lenet300 lenet5-caffe
 """
 from __future__ import annotations
 

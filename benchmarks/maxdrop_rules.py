@@ -14,7 +14,8 @@ from pathlib import Path
 
 from obdprune.stopping import MaxDropRule, choose_max_drop
 
-ROUND = re.compile(r"^(\w+(?: max-drop)?) round (\d+): ([\d.]+)% of weights removed, validation ([\d.]+)% \(dense ([\d.]+)%\)")
+ROUND = re.compile(r"^(\w+(?: max-drop)?) round (\d+): ([\d.]+)% of weights removed, "
+                   r"validation ([\d.]+)% \(dense ([\d.]+)%\)")
 
 
 def sequences(log: Path) -> tuple[dict[str, list[tuple[float, float]]], float | None]:

@@ -191,23 +191,7 @@ def test_prune_model_resumes_after_any_round(tmp_path, monkeypatch):
         if len(saves) == die_at:
             raise _Killed
 
-    monkeypatch.setattr(RoundStore, "save", counted)
-    die_at = 0
-    ref = prune_model(dense, data, cfg, checkpoint=StudyState(tmp_path / "ref", "test", {}).rounds("prune:hybrid"),
-                      **kw)
-    assert set(saves) == {"prune:hybrid", "prune:hybrid:max-drop"} and any(r.max_drop for r in ref)
-    total, first = len(saves), saves.count("prune:hybrid")
-    for k in sorted(set(range(1, total + 1, 2)) | {first, first + 1}):  # every other snapshot, and both sides
-        # of the boundary between the two paths
-        saves.clear()
-        die_at = k
-        with pytest.raises(_Killed):
-            prune_model(dense, data, cfg, checkpoint=StudyState(tmp_path / f"k{k}", "test", {}).rounds("prune:hybrid"),
-                        **kw)
-        die_at = 0
-        resumed = StudyState.open(tmp_path / f"k{k}", "test", {}, resume=True)
-        got = prune_model(dense, data, cfg, checkpoint=resumed.rounds("prune:hybrid"), **kw)
-        assert len(saves) == total  # the resumed run saved only what the killed one had not
+    def assert_same(got):
         assert len(got) == len(ref)
         for a, b in zip(ref, got):
             da, db = a.to_dict(), b.to_dict()
@@ -217,3 +201,21 @@ def test_prune_model_resumes_after_any_round(tmp_path, monkeypatch):
                    {k2: v for k2, v in db.items() if k2 not in TIMING}
             assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
             assert all(torch.equal(a.state_dict[n], b.state_dict[n]) for n in a.state_dict)
+
+    ref = prune_model(dense, data, cfg, **kw)  # no checkpoint at all
+    monkeypatch.setattr(RoundStore, "save", counted)
+    die_at = 0
+    assert_same(prune_model(dense, data, cfg, **kw,
+                            checkpoint=StudyState(tmp_path / "all", "test", {}).rounds("prune:hybrid")))
+    assert set(saves) == {"prune:hybrid", "prune:hybrid:max-drop"} and any(r.max_drop for r in ref)
+    total = len(saves)
+    for k in range(1, total + 1):  # every snapshot of both paths
+        saves.clear()
+        die_at = k
+        with pytest.raises(_Killed):
+            prune_model(dense, data, cfg, checkpoint=StudyState(tmp_path / f"k{k}", "test", {}).rounds("prune:hybrid"),
+                        **kw)
+        die_at = 0
+        resumed = StudyState.open(tmp_path / f"k{k}", "test", {}, resume=True)
+        assert_same(prune_model(dense, data, cfg, checkpoint=resumed.rounds("prune:hybrid"), **kw))
+        assert len(saves) == total  # the resumed run saved only what the killed one had not
